@@ -1,0 +1,1001 @@
+"""Shared pieces of every script: VOC data (download, toy set, pixel cache, augmentation),
+class weights, metrics, teacher/student construction, checkpoints, the training loop, plots.
+
+Scripts import this module; importing it does no work.
+"""
+import argparse
+import contextlib
+import shutil
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import socket
+import sys
+import tarfile
+import time
+import urllib.error
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+IGNORE_INDEX = 255
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# VOC 2012 trainval tar: the original host first, then the S3 copy torchvision PR #9335 switches to
+# (the Oxford server has been down for weeks at a time: pytorch/vision #9269, #9271).
+VOC_TAR = "VOCtrainval_11-May-2012.tar"
+VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
+VOC_URLS = (
+    "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+    "https://d2l-data.s3-accelerate.amazonaws.com/VOCtrainval_11-May-2012.tar",
+)
+DOWNLOAD_TIMEOUT_S = 15  # connect/read timeout so an offline run fails fast instead of hanging
+
+
+def voc_palette():
+    """The standard 256-entry VOC colour map (bit-interleaved), as a flat list for PIL."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def save_mask_png(mask, path):
+    """Write a class-index mask (H, W) uint8 as a VOC palette PNG."""
+    img = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    img.putpalette(voc_palette())
+    img.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset location, download and the synthetic toy set
+# ---------------------------------------------------------------------------------------------
+
+def find_voc_root(data_dir):
+    """Return the VOC2012-style folder under data_dir (data_dir/VOCdevkit/VOC2012, data_dir/VOC2012
+    or data_dir itself), or None if none has JPEGImages, SegmentationClass and ImageSets."""
+    for cand in (os.path.join(data_dir, "VOCdevkit", "VOC2012"), os.path.join(data_dir, "VOC2012"), data_dir):
+        if all(os.path.isdir(os.path.join(cand, sub)) for sub in
+               ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation"))):
+            return cand
+    return None
+
+
+def download_voc(data_dir, urls=VOC_URLS):
+    """Fetch and extract VOC 2012 into data_dir with torchvision's downloader (progress bar, md5
+    check), trying each mirror; a tar already placed in data_dir is used without any download."""
+    from torchvision.datasets.utils import check_integrity, download_url, extract_archive
+
+    os.makedirs(data_dir, exist_ok=True)
+    tar_path = os.path.join(data_dir, VOC_TAR)
+    errors = []
+    if not check_integrity(tar_path, VOC_MD5):
+        if os.path.exists(tar_path):
+            errors.append(f"{tar_path}: md5 mismatch (incomplete download?)")
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            for url in urls:
+                try:
+                    download_url(url, data_dir, filename=VOC_TAR, md5=VOC_MD5, max_redirect_hops=5)
+                    if check_integrity(tar_path, VOC_MD5):
+                        break
+                    errors.append(f"{url}: md5 mismatch")
+                except (urllib.error.URLError, OSError, RuntimeError, ValueError) as e:
+                    errors.append(f"{url}: {e}")
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    if not check_integrity(tar_path, VOC_MD5):
+        raise SystemExit(
+            f"error: could not download PASCAL VOC 2012 ({'; '.join(errors)}). Download {VOC_TAR} "
+            f"(md5 {VOC_MD5}) by hand and put it in {os.path.abspath(data_dir)}/, or put the extracted "
+            f"VOCdevkit/ folder there; or run with --toy for the offline synthetic dataset.")
+    print(f"extracting {tar_path} ...", file=sys.stderr)
+    extract_archive(tar_path, data_dir)
+
+
+def resolve_data_root(args):
+    """The VOC-format root for this run: the toy set (generated once) with --toy, else VOC 2012
+    under --data-dir, downloaded on first use unless --no-download."""
+    if args.toy:
+        return make_toy_voc(os.path.join(args.data_dir, "toy"))
+    root = find_voc_root(args.data_dir)
+    if root is None:
+        if getattr(args, "no_download", False):
+            raise SystemExit(
+                f"error: no VOC dataset under --data-dir {args.data_dir} (expected "
+                f"VOCdevkit/VOC2012/{{JPEGImages,SegmentationClass,ImageSets/Segmentation}}); "
+                f"drop --no-download to fetch it, or pass --toy")
+        download_voc(args.data_dir)
+        root = find_voc_root(args.data_dir)
+        if root is None:
+            raise SystemExit(f"error: {args.data_dir}: the VOC tar extracted but VOCdevkit/VOC2012 is incomplete; "
+                             f"delete it and run again")
+    return root
+
+
+TOY_VERSION = 1
+TOY_SIZES = {"train": 300, "val": 100}
+
+
+def _toy_shape(kind, yy, xx, r):
+    """Boolean mask of one of five shapes of radius r centred at (0, 0)."""
+    if kind == 0:
+        return yy ** 2 + xx ** 2 <= r ** 2                               # disc
+    if kind == 1:
+        return np.maximum(abs(yy), abs(xx)) <= r * 0.85                  # square
+    if kind == 2:
+        return (yy <= r * 0.7) & (yy >= -r) & (abs(xx) <= (yy + r) * 0.6)  # triangle
+    if kind == 3:
+        return abs(yy) + abs(xx) <= r                                    # diamond
+    return (abs(yy) <= r * 0.3) & (abs(xx) <= r) | (abs(xx) <= r * 0.3) & (abs(yy) <= r)  # cross
+
+
+def _toy_texture(kind, yy, xx):
+    """Multiplicative brightness pattern: solid, horizontal/vertical stripes, checker."""
+    if kind == 0:
+        return np.ones_like(yy, dtype=np.float32)
+    if kind == 1:
+        return 0.65 + 0.35 * ((yy // 3) % 2)
+    if kind == 2:
+        return 0.65 + 0.35 * ((xx // 3) % 2)
+    return 0.65 + 0.35 * (((yy // 4) + (xx // 4)) % 2)
+
+
+def _toy_sample(rng):
+    """One synthetic (image, mask): 1-3 objects of classes 1..20 on a cluttered background.
+    Class c = hue (c-1)/20 x shape (c-1)%5 x texture (c-1)//5; 255 marks 1-px boundary bands."""
+    h, w = int(rng.integers(96, 129)), int(rng.integers(96, 129))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = rng.uniform(60, 190, size=3)
+    grad = rng.uniform(-0.6, 0.6, size=(2, 3))
+    img = base + yy[..., None] * grad[0] + xx[..., None] * grad[1]
+    for _ in range(int(rng.integers(3, 8))):  # clutter: greyish blobs and bars that stay background
+        cy, cx, rr = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(4, 20)
+        sel = _toy_shape(int(rng.integers(0, 5)), yy - cy, xx - cx, rr)
+        img[sel] = rng.uniform(40, 220) + rng.normal(0, 8, size=3)
+    mask = np.zeros((h, w), np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+        c = int(rng.integers(1, 21))
+        hue = (c - 1) / 20.0
+        rgb = 255 * np.clip(np.abs((hue * 6 + np.array([0, 4, 2])) % 6 - 3) - 1, 0, 1)
+        r = rng.uniform(12, 30)
+        cy, cx = rng.uniform(r * 0.5, h - r * 0.5), rng.uniform(r * 0.5, w - r * 0.5)
+        sel = _toy_shape((c - 1) % 5, yy - cy, xx - cx, r)
+        tex = _toy_texture((c - 1) // 5, yy - cy, xx - cx)
+        img[sel] = (rgb * rng.uniform(0.75, 1.0))[None] * tex[sel][:, None] + 30 * (1 - tex[sel][:, None])
+        mask[sel] = c
+    img = np.clip(img + rng.normal(0, 6, size=img.shape), 0, 255).astype(np.uint8)
+    pad = np.pad(mask, 1, mode="edge")
+    boundary = np.zeros_like(mask, bool)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        boundary |= pad[dy:dy + h, dx:dx + w] != mask
+    mask[boundary] = IGNORE_INDEX
+    return img, mask
+
+
+def make_toy_voc(toy_dir, seed=0):
+    """Generate (once, deterministically) the synthetic dataset in VOC folder format; returns its root."""
+    root = os.path.join(toy_dir, "VOCdevkit", "VOC2012")
+    stamp = os.path.join(toy_dir, "COMPLETE")
+    if os.path.exists(stamp) and open(stamp).read().strip() == f"toy v{TOY_VERSION} seed {seed}":
+        return root
+    tmp = toy_dir + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    tmp_root = os.path.join(tmp, "VOCdevkit", "VOC2012")
+    for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
+        os.makedirs(os.path.join(tmp_root, sub))
+    all_ids = []
+    for split, n in TOY_SIZES.items():
+        ids = [f"toy_{split}_{i:04d}" for i in range(n)]
+        for i, image_id in enumerate(ids):
+            img, mask = _toy_sample(np.random.default_rng([seed, 0 if split == "train" else 1, i]))
+            Image.fromarray(img).save(os.path.join(tmp_root, "JPEGImages", image_id + ".jpg"), quality=92)
+            save_mask_png(mask, os.path.join(tmp_root, "SegmentationClass", image_id + ".png"))
+        with open(os.path.join(tmp_root, "ImageSets", "Segmentation", split + ".txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+        all_ids += ids
+    with open(os.path.join(tmp_root, "ImageSets", "Segmentation", "trainval.txt"), "w") as f:
+        f.write("\n".join(all_ids) + "\n")
+    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+        f.write(f"toy v{TOY_VERSION} seed {seed}\n")
+    if os.path.exists(toy_dir):
+        shutil.rmtree(toy_dir)
+    os.replace(tmp, toy_dir)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading VOC files and the pixel cache
+# ---------------------------------------------------------------------------------------------
+
+def read_split_ids(root, split):
+    """Image ids listed in ImageSets/Segmentation/<split>.txt."""
+    path = os.path.join(root, "ImageSets", "Segmentation", split + ".txt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found: the dataset has no '{split}' split list; "
+                         f"check --data-dir / --split")
+    with open(path) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise SystemExit(f"error: {path} lists no images")
+    return ids
+
+
+def read_image(path):
+    """RGB uint8 array (H, W, 3); a missing or corrupt file is a clear error."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SystemExit(f"error: cannot read image {path} ({e}); replace or remove it from the split list")
+
+
+def read_mask(path, num_classes=len(VOC_CLASSES)):
+    """Class-index mask (H, W) uint8 from a palette PNG: 0..num_classes-1, 255 = ignore."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise SystemExit(f"error: mask {path} has mode {img.mode}; expected a palette (P) or "
+                                 f"grey (L) PNG of class indices")
+            mask = np.asarray(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SystemExit(f"error: cannot read mask {path} ({e}); replace or remove it from the split list")
+    bad = np.unique(mask[(mask >= num_classes) & (mask != IGNORE_INDEX)])
+    if bad.size:
+        raise SystemExit(f"error: mask {path} has values {bad[:10].tolist()} outside 0..{num_classes - 1} "
+                         f"and {IGNORE_INDEX} (ignore); fix the mask or pass the right --num-classes")
+    return mask
+
+
+def _pair_paths(root, image_id):
+    return (os.path.join(root, "JPEGImages", image_id + ".jpg"),
+            os.path.join(root, "SegmentationClass", image_id + ".png"))
+
+
+def _fingerprint(root, ids):
+    """Hash of the split's file names, sizes and mtimes: any change to the source rebuilds caches."""
+    h = hashlib.sha1()
+    for image_id in ids:
+        for path in _pair_paths(root, image_id):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise SystemExit(f"error: {path} is listed in the split but missing; restore it or "
+                                 f"remove '{image_id}' from the ImageSets list")
+            h.update(f"{image_id}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def atomic_write(path, write_fn):
+    """Write via a temporary file in the same folder, fsync, then rename: readers see old or new, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
+
+
+class PixelCache:
+    """Decoded images and masks of one split at original resolution, as two flat uint8 memmaps
+    plus an index. Built once; rebuilt when the source fingerprint changes."""
+
+    def __init__(self, root, split, cache_dir, num_classes=len(VOC_CLASSES)):
+        self.ids = read_split_ids(root, split)
+        fingerprint = _fingerprint(root, self.ids)
+        tag = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:10]
+        self.dir = os.path.join(cache_dir, f"pixels-{tag}-{split}")
+        index_path = os.path.join(self.dir, "index.json")
+        index = None
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                index = json.load(f)
+            if index.get("fingerprint") != fingerprint or index.get("num_classes") != num_classes:
+                index = None
+        if index is None:
+            index = self._build(root, fingerprint, num_classes)
+        self.fingerprint = fingerprint
+        self.shapes = [tuple(s) for s in index["shapes"]]
+        self.img_offsets = np.array(index["img_offsets"], dtype=np.int64)
+        self.mask_offsets = np.array(index["mask_offsets"], dtype=np.int64)
+        self._images = self._masks = None  # opened lazily, once per (worker) process
+
+    def _build(self, root, fingerprint, num_classes):
+        os.makedirs(self.dir, exist_ok=True)
+        shapes = []
+        for image_id in self.ids:  # first pass: sizes only (headers), to size the memmaps
+            img_path, mask_path = _pair_paths(root, image_id)
+            try:
+                with Image.open(img_path) as im:
+                    shapes.append((im.height, im.width))
+            except (OSError, SyntaxError) as e:
+                raise SystemExit(f"error: cannot read image {img_path} ({e}); replace it or remove it from the split list")
+        sizes = np.array([h * w for h, w in shapes], dtype=np.int64)
+        mask_offsets = np.concatenate([[0], np.cumsum(sizes)])
+        img_offsets = mask_offsets * 3
+        images = np.lib.format.open_memmap(os.path.join(self.dir, "images.tmp.npy"), "w+", np.uint8, (int(img_offsets[-1]),))
+        masks = np.lib.format.open_memmap(os.path.join(self.dir, "masks.tmp.npy"), "w+", np.uint8, (int(mask_offsets[-1]),))
+        for i, image_id in enumerate(tqdm(self.ids, desc=f"caching {os.path.basename(self.dir)}", leave=False)):
+            img_path, mask_path = _pair_paths(root, image_id)
+            img, mask = read_image(img_path), read_mask(mask_path, num_classes)
+            if img.shape[:2] != mask.shape or img.shape[:2] != shapes[i]:
+                raise SystemExit(f"error: mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {img_path} "
+                                 f"is {img.shape[1]}x{img.shape[0]}; masks must match their images")
+            images[img_offsets[i]:img_offsets[i + 1]] = img.reshape(-1)
+            masks[mask_offsets[i]:mask_offsets[i + 1]] = mask.reshape(-1)
+        images.flush()
+        masks.flush()
+        del images, masks
+        os.replace(os.path.join(self.dir, "images.tmp.npy"), os.path.join(self.dir, "images.npy"))
+        os.replace(os.path.join(self.dir, "masks.tmp.npy"), os.path.join(self.dir, "masks.npy"))
+        index = {"fingerprint": fingerprint, "num_classes": num_classes, "ids": self.ids, "shapes": shapes,
+                 "img_offsets": img_offsets.tolist(), "mask_offsets": mask_offsets.tolist()}
+        write_json(os.path.join(self.dir, "index.json"), index)  # written last: marks the cache complete
+        return index
+
+    def __len__(self):
+        return len(self.ids)
+
+    def get(self, i):
+        """(image (H, W, 3) uint8, mask (H, W) uint8) of item i, views into the memmaps."""
+        if self._images is None:
+            self._images = np.load(os.path.join(self.dir, "images.npy"), mmap_mode="r")
+            self._masks = np.load(os.path.join(self.dir, "masks.npy"), mmap_mode="r")
+        h, w = self.shapes[i]
+        img = self._images[self.img_offsets[i]:self.img_offsets[i + 1]].reshape(h, w, 3)
+        mask = self._masks[self.mask_offsets[i]:self.mask_offsets[i + 1]].reshape(h, w)
+        return img, mask
+
+    def masks(self):
+        """Iterate over all masks (for class statistics)."""
+        for i in range(len(self)):
+            yield self.get(i)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation as one sampling grid per sample: the same geometry for image, mask and teacher logits
+# ---------------------------------------------------------------------------------------------
+
+def sample_grid(height, width, size, rng=None, scale_range=(0.5, 2.0)):
+    """Normalised sampling grid (size, size, 2) for F.grid_sample (align_corners=False).
+
+    rng=None: plain resize of the whole image to size x size (validation, augmentation off).
+    Otherwise: resize so the shorter side is size * s, s ~ U(scale_range), take a random
+    size x size window (padding where the image is smaller), flip horizontally with p=0.5."""
+    steps = (torch.arange(size, dtype=torch.float32) + 0.5)
+    if rng is None:
+        gy = 2 * steps / size - 1
+        gx = gy
+    else:
+        r = rng.uniform(*scale_range) * size / min(height, width)
+        sh, sw = height * r, width * r
+        y0 = rng.uniform(min(0.0, sh - size), max(0.0, sh - size))
+        x0 = rng.uniform(min(0.0, sw - size), max(0.0, sw - size))
+        gy = 2 * (y0 + steps) / sh - 1
+        gx = 2 * (x0 + steps) / sw - 1
+        if rng.random() < 0.5:
+            gx = -gx
+    return torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)
+
+
+def warp_image(img_u8, grid):
+    """uint8 (H, W, 3) -> normalised float (3, S, S), bilinear; outside the image is black."""
+    x = torch.from_numpy(np.array(img_u8)).permute(2, 0, 1)[None].float().div_(255)
+    x = F.grid_sample(x, grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def warp_mask(mask_u8, grid):
+    """uint8 (H, W) -> int64 (S, S), nearest; outside the image is IGNORE_INDEX."""
+    m = torch.from_numpy(np.array(mask_u8))[None, None].float() + 1  # 0 marks padding
+    m = F.grid_sample(m, grid[None], mode="nearest", padding_mode="zeros", align_corners=False)[0, 0]
+    m = m.long() - 1
+    m[m < 0] = IGNORE_INDEX
+    return m
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """VOC-format split read from a PixelCache.
+
+    train=True: random scale/crop/flip to image_size; items hold image, mask (S, S) and the grid.
+    train=False: image resized to image_size; mask at original resolution (or eval_size x eval_size)."""
+
+    def __init__(self, cache, image_size, train, eval_size=None, seed=0, limit=None):
+        self.cache, self.image_size, self.train = cache, image_size, train
+        self.eval_size, self.seed, self.epoch = eval_size, seed, 0
+        self.augment = train
+        self.indices = list(range(len(cache) if limit is None else min(limit, len(cache))))
+        self.extra = None  # optional per-item tensors (e.g. cached teacher logits), indexed like the cache
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = self.indices[k]
+        img, mask = self.cache.get(i)
+        # per-(seed, epoch, item) RNG: identical augmentation whatever the workers/ranks/resume
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.augment else None
+        grid = sample_grid(img.shape[0], img.shape[1], self.image_size, rng)
+        item = {"image": warp_image(img, grid), "index": i}
+        if self.train:
+            item["mask"] = warp_mask(mask, grid)
+            item["grid"] = grid
+        elif self.eval_size:
+            item["mask"] = warp_mask(mask, sample_grid(mask.shape[0], mask.shape[1], self.eval_size))
+        else:
+            item["mask"] = torch.from_numpy(mask.astype(np.int64))
+        if self.extra is not None:
+            item["extra"] = self.extra(i)
+        return item
+
+
+def collate(items):
+    """Stack everything except masks of different sizes (validation at original resolution)."""
+    batch = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if key == "mask" and len({tuple(v.shape) for v in values}) > 1:
+            batch[key] = values
+        elif isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = torch.tensor(values)
+    return batch
+
+
+def build_datasets(args, splits=("train", "val")):
+    """Datasets for the requested splits (dict split -> dataset) and the data root."""
+    root = resolve_data_root(args)
+    out = {}
+    for split in splits:
+        cache = PixelCache(root, split, args.cache_dir, args.num_classes)
+        train = split == "train" and not getattr(args, "eval_only", False)
+        limit = getattr(args, "limit_train" if train else "limit_val", None)
+        out[split] = SegmentationDataset(cache, args.image_size, train, args.eval_size, args.seed, limit)
+    return out, root
+
+
+# ---------------------------------------------------------------------------------------------
+# Class weights and metrics
+# ---------------------------------------------------------------------------------------------
+
+def class_pixel_counts(masks, num_classes):
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for m in masks:
+        counts += np.bincount(m.reshape(-1), minlength=256)[:num_classes]
+    return counts
+
+
+def class_weights_from_counts(counts):
+    """ENet weighting (Paszke et al. 2016): w_c = 1 / ln(1.02 + p_c), p_c = n_c / sum_k n_k over
+    non-ignore pixels. Inverse-frequency-like but bounded to [~1.4, ~50.5] (50.5 for absent classes)."""
+    p = counts / max(int(counts.sum()), 1)
+    return 1.0 / np.log(1.02 + p)
+
+
+def compute_class_weights(dataset):
+    """Class weights of the training split's masks (original resolution), cached in the pixel cache."""
+    cache = dataset.cache
+    path = os.path.join(cache.dir, "class_weights.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("fingerprint") == cache.fingerprint:
+            return torch.tensor(saved["weights"], dtype=torch.float32)
+    num_classes = dataset_num_classes(dataset)
+    counts = class_pixel_counts(cache.masks(), num_classes)
+    weights = class_weights_from_counts(counts)
+    write_json(path, {"fingerprint": cache.fingerprint, "formula": "1/ln(1.02 + p_c)",
+                      "pixel_counts": counts.tolist(), "weights": weights.tolist()})
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def dataset_num_classes(dataset):
+    with open(os.path.join(dataset.cache.dir, "index.json")) as f:
+        return json.load(f)["num_classes"]
+
+
+class ConfusionMatrix:
+    """Accumulates a num_classes^2 confusion matrix (rows: ground truth, cols: prediction) with
+    torch.bincount, ignoring IGNORE_INDEX pixels."""
+
+    def __init__(self, num_classes):
+        self.num_classes = num_classes
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, target, pred):
+        target, pred = target.reshape(-1), pred.reshape(-1)
+        k = (target >= 0) & (target < self.num_classes)
+        idx = self.num_classes * target[k].long() + pred[k].long()
+        self.mat += torch.bincount(idx, minlength=self.num_classes ** 2).reshape(
+            self.num_classes, self.num_classes).cpu()
+
+    def all_reduce(self):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            dev = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            t = self.mat.to(dev)
+            torch.distributed.all_reduce(t)
+            self.mat = t.cpu()
+
+    def compute(self):
+        """mIoU, per-class IoU, pixel accuracy, mean class accuracy. Classes absent from both
+        ground truth and prediction have IoU NaN and are left out of the means."""
+        m = self.mat.double()
+        tp = m.diag()
+        gt, pred = m.sum(1), m.sum(0)
+        iou = tp / (gt + pred - tp)  # NaN where the class appears nowhere
+        acc = tp / gt
+        return {"miou": float(np.nanmean(iou.numpy())) if torch.isfinite(iou).any() else float("nan"),
+                "iou_per_class": iou.tolist(),
+                "pixel_acc": float(tp.sum() / m.sum()) if m.sum() > 0 else float("nan"),
+                "mean_class_acc": float(np.nanmean(acc.numpy())) if torch.isfinite(acc).any() else float("nan")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: pretrained weights, teacher, student, reading checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def load_torchvision_weights(weights):
+    """State dict of a torchvision Weights enum entry, from TORCH_HOME/hub/checkpoints or downloaded;
+    failure is one clear message naming the file and where to put it."""
+    import pickle
+    filename = os.path.basename(weights.url)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return weights.get_state_dict(progress=True, check_hash=False)
+    except (urllib.error.URLError, OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise SystemExit(f"error: cannot load pretrained weights {filename} ({e}); download {weights.url} "
+                         f"to {path}, or run with --no-pretrained")
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+class Teacher(nn.Module):
+    """torchvision FCN-ResNet50 (dilated, output stride 8) that can also return its layer3/layer4
+    features. Attribute names match torchvision's FCN, so its state_dicts load as they are."""
+
+    def __init__(self, num_classes=21):
+        super().__init__()
+        from torchvision.models.segmentation import fcn_resnet50
+        fcn = fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=True)
+        self.num_classes = num_classes
+        self.backbone = fcn.backbone  # returns {"aux": layer3, "out": layer4}
+        self.classifier = fcn.classifier
+
+    def forward(self, x, return_features=False, upsample=True):
+        size = x.shape[-2:]
+        f = self.backbone(x)
+        logits = self.classifier(f["out"])
+        if upsample:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return (logits, {"layer3": f["aux"], "layer4": f["out"]}) if return_features else logits
+
+
+def _set_num_classes(conv, num_classes):
+    return conv if conv.out_channels == num_classes else nn.Conv2d(conv.in_channels, num_classes, 1)
+
+
+def build_teacher(num_classes=21, pretrained=True, weights_path=None):
+    """FCN-ResNet50 teacher: COCO_WITH_VOC_LABELS_V1 weights, a repo checkpoint (weights_path),
+    or random weights (pretrained=False). A classifier for another class count starts fresh."""
+    if weights_path is not None:
+        model, arch, ckpt_classes, _ = load_model(weights_path)
+        if arch != "teacher":
+            raise SystemExit(f"error: --teacher-weights {weights_path} holds a {arch}, not a teacher checkpoint")
+        if ckpt_classes != num_classes:
+            raise SystemExit(f"error: --teacher-weights {weights_path} has {ckpt_classes} classes but the data has "
+                             f"{num_classes}; teacher and student must agree on --num-classes")
+        return model
+    teacher = Teacher(21)
+    if pretrained:
+        from torchvision.models.segmentation import FCN_ResNet50_Weights
+        state = load_torchvision_weights(FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1)
+        state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+        teacher.load_state_dict(state)
+    teacher.classifier[4] = _set_num_classes(teacher.classifier[4], num_classes)
+    teacher.num_classes = num_classes
+    return teacher
+
+
+def build_student(num_classes=21, pretrained=True):
+    """LightweightDeepLabV3 with an ImageNet-pretrained MobileNetV3-Large backbone (unless pretrained=False)."""
+    from student_model import LightweightDeepLabV3
+    student = LightweightDeepLabV3(num_classes)
+    if pretrained:
+        from torchvision.models import MobileNet_V3_Large_Weights
+        state = load_torchvision_weights(MobileNet_V3_Large_Weights.IMAGENET1K_V1)
+        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        student.backbone.load_state_dict(state)
+    return student
+
+
+def build_model(arch, num_classes, pretrained=True):
+    if arch == "teacher":
+        return build_teacher(num_classes, pretrained)
+    return build_student(num_classes, pretrained)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def read_checkpoint(path):
+    """The dict stored at path (a repo checkpoint or a bare state_dict); clear errors otherwise."""
+    import pickle
+    import zipfile
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --weights {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise SystemExit(f"error: {path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); "
+                         f"it may be truncated: use another checkpoint (e.g. the run's best.pth or epoch_NNN.pth)")
+    if not isinstance(ckpt, dict) or not ckpt:
+        raise SystemExit(f"error: {path} holds a {type(ckpt).__name__}, not a checkpoint dict or state_dict")
+    return ckpt
+
+
+def load_model(path):
+    """(model, arch, num_classes, checkpoint dict) from any checkpoint this repo writes or a bare
+    state_dict; student vs teacher is read from 'arch' or detected from the parameter names."""
+    ckpt = read_checkpoint(path)
+    state = ckpt["model"] if "model" in ckpt and isinstance(ckpt["model"], dict) else ckpt
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SystemExit(f"error: {path} is a dict but holds no model weights (no 'model' state_dict)")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+    if "classifier.weight" in state and "head.0.weight" in state:
+        arch, num_classes = "student", state["classifier.weight"].shape[0]
+    elif "classifier.4.weight" in state and "backbone.layer4.0.conv1.weight" in state:
+        arch, num_classes = "teacher", state["classifier.4.weight"].shape[0]
+    else:
+        raise SystemExit(f"error: {path} holds weights of an unknown architecture (neither the student "
+                         f"LightweightDeepLabV3 nor the FCN-ResNet50 teacher)")
+    model = Teacher(num_classes) if arch == "teacher" else build_student(num_classes, pretrained=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {path} does not fit the {arch} architecture ({str(e).splitlines()[0]}...)")
+    return model, arch, num_classes, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line flags shared by the scripts
+# ---------------------------------------------------------------------------------------------
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_data_args(parser):
+    """Flags that say which data to read (every script that touches data)."""
+    parser.add_argument("--data-dir", default="./data", help="folder holding VOCdevkit/VOC2012 (downloaded here "
+                        "on first use) and, with --toy, the synthetic set (default: %(default)s)")
+    parser.add_argument("--toy", action="store_true", help="use the synthetic VOC-format dataset generated under "
+                        "DATA_DIR/toy (offline, small; default: real VOC 2012)")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading VOC if it is missing")
+    parser.add_argument("--cache-dir", default=None, help="where decoded pixels and class weights are cached "
+                        "(default: DATA_DIR/cache)")
+    parser.add_argument("--num-classes", type=positive_int, default=len(VOC_CLASSES),
+                        help="classes in the masks, background included (default: %(default)s)")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="network input size: training crops and validation resize (default: 256; 128 with --toy)")
+    parser.add_argument("--eval-size", type=positive_int, default=None, help="compute metrics on masks resized to "
+                        "N x N instead of at each image's original resolution (default: original)")
+    parser.add_argument("--limit-val", type=positive_int, default=None, help="use only the first N val images")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="data loader worker processes (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    return parser
+
+
+def add_training_args(parser, default_epochs=50):
+    """Flags of the shared training loop (every train_*.py)."""
+    add_data_args(parser)
+    parser.add_argument("--epochs", type=positive_int, default=default_epochs, help="epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="batch size (default: %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (default: %(default)s)")
+    parser.add_argument("--lr-factor", type=positive_float, default=0.5,
+                        help="ReduceLROnPlateau factor on val mIoU (default: %(default)s)")
+    parser.add_argument("--lr-patience", type=int, default=5,
+                        help="ReduceLROnPlateau patience in epochs (default: %(default)s)")
+    parser.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N train images")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="start from random weights instead of torchvision's pretrained ones")
+    parser.add_argument("--out-dir", default=None,
+                        help="run folder for checkpoints, history and plots (default: checkpoints/<strategy>_<time>)")
+    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                        help="continue a run from PATH (no PATH: OUT_DIR/last.pth)")
+    parser.add_argument("--save-every", type=positive_int, default=5,
+                        help="also keep epoch_NNN.pth every N epochs (default: %(default)s)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16 where supported, else fp16)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Run set-up, checkpoints, plots
+# ---------------------------------------------------------------------------------------------
+
+def setup_run(args, strategy):
+    """Pick the device, seed everything, resolve --cache-dir/--out-dir/--resume; returns the device."""
+    if args.cache_dir is None:
+        args.cache_dir = os.path.join(args.data_dir, "cache")
+    if args.image_size is None:
+        args.image_size = 128 if args.toy else 256
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device} but CUDA is not available here; use --device cpu")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if not hasattr(args, "out_dir"):
+        return device
+    if args.resume:  # an explicit checkpoint path decides the run folder unless --out-dir says otherwise
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint")
+        args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.resume))
+    if args.out_dir is None:
+        if args.resume is not None:
+            raise SystemExit("error: --resume without PATH needs --out-dir (the run folder holding last.pth)")
+        args.out_dir = os.path.join("checkpoints", f"{strategy}_{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if args.resume == "":
+        args.resume = os.path.join(args.out_dir, "last.pth")
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f"error: --resume: {args.resume} does not exist; nothing to resume in --out-dir {args.out_dir}")
+    elif args.resume is None and os.path.isfile(os.path.join(args.out_dir, "last.pth")):
+        raise SystemExit(f"error: --out-dir {args.out_dir} already holds a run (last.pth); pass --resume to "
+                         f"continue it or choose another --out-dir")
+    os.makedirs(args.out_dir, exist_ok=True)
+    args.strategy = strategy
+    return device
+
+
+def save_checkpoint(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_copy(src, dst):
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def plot_history(history, out_dir):
+    """loss.png and miou.png of a run, drawn from its history (as written to history.json)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    for key in sorted(history[-1]):
+        if key.startswith("train_loss_"):
+            ax.plot(epochs, [h[key] for h in history], ".--", label=key.replace("train_loss_", "train: "))
+    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="val loss (weighted CE)")
+    ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [100 * h["val_miou"] for h in history], "o-", label="val mIoU")
+    ax.plot(epochs, [100 * h["val_pixel_acc"] for h in history], "s--", label="val pixel acc")
+    ax.set(xlabel="epoch", ylabel="%", title="Validation")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "miou.png"), dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and the training loop
+# ---------------------------------------------------------------------------------------------
+
+def autocast(device, enabled):
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def make_loader(dataset, batch_size, workers, shuffle=False, generator=None):
+    sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        drop_last=shuffle and len(dataset) > batch_size, generator=generator, pin_memory=False)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, num_classes, criterion=None, amp=False, on_prediction=None):
+    """Metrics of model over loader. Logits are resized to each mask's size (the image's original
+    resolution unless --eval-size) before argmax. on_prediction(index, pred uint8 HxW) sees each image."""
+    model.eval()
+    confmat = ConfusionMatrix(num_classes)
+    loss_sum, n = 0.0, 0
+    for batch in loader:
+        with autocast(device, amp):
+            logits = model(batch["image"].to(device, non_blocking=True)).float()
+        masks = batch["mask"] if isinstance(batch["mask"], list) else list(batch["mask"])
+        for j, mask in enumerate(masks):
+            mask = mask.to(device)
+            up = F.interpolate(logits[j:j + 1], size=mask.shape[-2:], mode="bilinear", align_corners=False)
+            pred = up.argmax(1)[0]
+            confmat.update(mask, pred)
+            if criterion is not None and (mask != IGNORE_INDEX).any():
+                loss_sum += float(criterion(up, mask[None]))
+            n += 1
+            if on_prediction is not None:
+                on_prediction(int(batch["index"][j]), pred.to(torch.uint8).cpu().numpy())
+    confmat.all_reduce()
+    metrics = confmat.compute()
+    metrics["loss"] = loss_sum / max(n, 1)
+    metrics["num_images"] = n
+    metrics["confusion"] = confmat.mat
+    return metrics
+
+
+def format_epoch(rec):
+    parts = " ".join(f"{k[len('train_loss_'):]} {v:.4f}" for k, v in rec.items() if k.startswith("train_loss_"))
+    return (f"epoch {rec['epoch']:3d} | train loss {rec['train_loss']:.4f} ({parts}) | val loss {rec['val_loss']:.4f} "
+            f"mIoU {100 * rec['val_miou']:.2f} pixel acc {100 * rec['val_pixel_acc']:.2f} | lr {rec['lr']:.2e} | "
+            f"{rec['epoch_s']:.1f}s {rec['train_img_s']:.1f} img/s data wait {100 * rec['data_wait_frac']:.0f}%")
+
+
+def train_one_epoch(model, compute_loss, loader, optimizer, device, amp, epoch, scaler, trainable):
+    model.train()
+    totals, n_images, wait = {}, 0, 0.0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    t_wait = time.perf_counter()
+    for step, batch in enumerate(loader):
+        wait += time.perf_counter() - t_wait
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with autocast(device, amp):
+            loss, parts = compute_loss(batch)
+        if not torch.isfinite(loss):
+            bad = [k for k, v in parts.items() if not torch.isfinite(v)]
+            raise SystemExit(f"error: non-finite loss at epoch {epoch} batch {step} (terms: {', '.join(bad) or 'total'}); "
+                             f"the last good checkpoint is kept. Lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        bs = batch["image"].shape[0]
+        n_images += bs
+        for k, v in {"loss": loss, **parts}.items():
+            totals[k] = totals.get(k, 0.0) + float(v.detach()) * bs
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{n_images / elapsed:.1f}")
+        bar.update()
+        t_wait = time.perf_counter()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    stats = {("train_loss" if k == "loss" else f"train_loss_{k}"): v / max(n_images, 1) for k, v in totals.items()}
+    stats.update(train_s=seconds, train_img_s=n_images / seconds, data_wait_frac=wait / seconds)
+    return stats
+
+
+def fit(args, model, compute_loss, datasets, criterion, device, extra_modules=None):
+    """The shared loop: Adam + ReduceLROnPlateau(val mIoU), checkpoints (last/periodic/best, atomic),
+    history.json, plots, exact --resume. compute_loss(batch) -> (loss, {term: value}).
+    extra_modules (e.g. distillation adapters) train with the model and are saved beside it."""
+    arch = "teacher" if isinstance(model, Teacher) else "student"
+    extra = extra_modules if extra_modules is not None else nn.ModuleDict()
+    params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_factor,
+                                                           patience=args.lr_patience)
+    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
+    start_epoch, best_miou, history = 0, -1.0, []
+    if args.resume:
+        ckpt = read_checkpoint(args.resume)
+        for key, have in (("arch", arch), ("num_classes", args.num_classes), ("strategy", args.strategy)):
+            was = ckpt.get(key) if key != "strategy" else ckpt.get("args", {}).get("strategy")
+            if was != have:
+                raise SystemExit(f"error: --resume {args.resume} is a run with {key}={was}, this one has {key}={have}; "
+                                 f"resume with the same flags or start a new --out-dir")
+        model.load_state_dict(ckpt["model"])
+        extra.load_state_dict(ckpt["extra"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, best_miou, history = ckpt["epoch"] + 1, ckpt["best_miou"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        print(f"resumed {args.resume} at epoch {start_epoch} (best mIoU {100 * best_miou:.2f})")
+    model.to(device)
+    extra.to(device)
+    write_json(os.path.join(args.out_dir, "config.json"), vars(args))
+    train_set, val_set = datasets["train"], datasets["val"]
+    val_loader = make_loader(val_set, args.batch_size, args.workers)
+    print(f"{arch}: {count_params(model):,} parameters | train {len(train_set)} val {len(val_set)} images | "
+          f"device {device} | out {args.out_dir}")
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.perf_counter()
+        train_set.set_epoch(epoch)
+        loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True,
+                             generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+        stats = train_one_epoch(model, compute_loss, loader, optimizer, device, args.amp, epoch, scaler, extra)
+        metrics = evaluate(model, val_loader, device, args.num_classes, criterion, args.amp)
+        scheduler.step(metrics["miou"])
+        rec = {"epoch": epoch, **stats, "val_loss": metrics["loss"], "val_miou": metrics["miou"],
+               "val_pixel_acc": metrics["pixel_acc"], "val_mean_class_acc": metrics["mean_class_acc"],
+               "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
+        history.append(rec)
+        is_best = metrics["miou"] > best_miou
+        best_miou = max(best_miou, metrics["miou"])
+        ckpt = {"model": model.state_dict(), "extra": extra.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "best_miou": best_miou, "history": history,
+                "args": vars(args), "arch": arch, "num_classes": args.num_classes,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
+        save_checkpoint(ckpt, os.path.join(args.out_dir, "last.pth"))
+        if (epoch + 1) % args.save_every == 0:
+            atomic_copy(os.path.join(args.out_dir, "last.pth"), os.path.join(args.out_dir, f"epoch_{epoch + 1:03d}.pth"))
+        if is_best:
+            atomic_copy(os.path.join(args.out_dir, "last.pth"), os.path.join(args.out_dir, "best.pth"))
+        write_json(os.path.join(args.out_dir, "history.json"), history)
+        with open(os.path.join(args.out_dir, "history.json")) as f:
+            plot_history(json.load(f), args.out_dir)
+        print(format_epoch(rec))
+    print(f"done: best val mIoU {100 * best_miou:.2f} -> {os.path.join(args.out_dir, 'best.pth')}")
+    return history

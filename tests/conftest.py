@@ -1,0 +1,35 @@
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+VOC_SAMPLE = os.path.join(REPO, "..", "shared", "voc_sample")
+
+import common  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A data dir holding the generated toy set (made once per test session)."""
+    d = tmp_path_factory.mktemp("data")
+    common.make_toy_voc(os.path.join(d, "toy"))
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def toy_root(data_dir):
+    return os.path.join(data_dir, "toy", "VOCdevkit", "VOC2012")
+
+
+@pytest.fixture(autouse=True)
+def offline_torch_home(tmp_path, monkeypatch):
+    """Every test gets an empty TORCH_HOME so nothing reads weights a developer has cached."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+def small_run_args(data_dir, out_dir, *extra):
+    """CLI flags for a seconds-long training run on the toy set."""
+    return ["--toy", "--data-dir", data_dir, "--out-dir", str(out_dir), "--image-size", "64", "--batch-size", "8",
+            "--limit-train", "32", "--limit-val", "12", "--workers", "0", "--no-pretrained", *extra]

@@ -1,0 +1,114 @@
+"""End to end: train_baseline.py CLI, every output file, exact resume, refusing to overwrite a run,
+evaluate.py --json vs --save-predictions, evaluate.py on real VOC files when present."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import evaluate
+import train_baseline
+from conftest import REPO, VOC_SAMPLE, small_run_args
+from student_model import LightweightDeepLabV3
+
+HISTORY_KEYS = {"epoch", "train_loss", "train_loss_ce", "val_loss", "val_miou", "val_pixel_acc", "lr", "epoch_s",
+                "train_img_s", "data_wait_frac"}
+
+
+def run_baseline(argv):
+    return train_baseline.main(train_baseline.get_args_parser().parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+    """A 2-epoch baseline run through the real command line."""
+    out = tmp_path_factory.mktemp("run")
+    argv = small_run_args(data_dir, out, "--epochs", "2", "--save-every", "2", "--lr", "1e-3")
+    proc = subprocess.run([sys.executable, "train_baseline.py", *argv], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch   1 | train loss" in proc.stdout and "best val mIoU" in proc.stdout
+    return out
+
+
+def test_baseline_cli_writes_every_output(trained_run):
+    for name in ("last.pth", "best.pth", "epoch_002.pth", "history.json", "config.json", "loss.png", "miou.png"):
+        assert os.path.getsize(trained_run / name) > 0, name
+    history = json.loads((trained_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert HISTORY_KEYS <= set(history[0])
+    assert 0 <= history[-1]["val_miou"] <= 1 and 0 <= history[-1]["data_wait_frac"] <= 1
+    ckpt = torch.load(trained_run / "last.pth", map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "epoch", "best_miou", "history", "args", "arch", "num_classes"} <= set(ckpt)
+    assert ckpt["best_miou"] == max(h["val_miou"] for h in history)
+    assert Image.open(trained_run / "loss.png").size[0] > 100
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    run_baseline(small_run_args(data_dir, full, "--epochs", "3", "--lr", "1e-3"))
+    run_baseline(small_run_args(data_dir, parts, "--epochs", "2", "--lr", "1e-3"))  # "interrupted" after 2
+    run_baseline(small_run_args(data_dir, parts, "--epochs", "3", "--lr", "1e-3", "--resume"))
+    a = json.loads((full / "history.json").read_text())
+    b = json.loads((parts / "history.json").read_text())
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss", "val_miou", "val_pixel_acc", "lr"):
+            assert ra[key] == rb[key], (ra["epoch"], key)
+    sa = torch.load(full / "last.pth", weights_only=False)["model"]
+    sb = torch.load(parts / "last.pth", weights_only=False)["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+
+
+def test_refuses_to_overwrite_a_run_and_bad_flags(data_dir, trained_run):
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run_baseline(small_run_args(data_dir, trained_run, "--epochs", "1"))
+    with pytest.raises(SystemExit, match="arch=student, this one has arch=teacher"):
+        run_baseline(small_run_args(data_dir, trained_run, "--epochs", "3", "--model", "teacher", "--resume"))
+    for bad in (["--epochs", "0"], ["--batch-size", "0"], ["--lr", "-1"]):
+        proc = subprocess.run([sys.executable, "train_baseline.py", "--toy", *bad], cwd=REPO, capture_output=True,
+                              text=True)
+        assert proc.returncode == 2 and bad[0] in proc.stderr
+
+
+def test_evaluate_json_agrees_with_saved_predictions(data_dir, toy_root, trained_run, tmp_path):
+    preds = tmp_path / "preds"
+    args = evaluate.get_args_parser().parse_args(
+        ["--weights", str(trained_run / "best.pth"), "--toy", "--data-dir", data_dir, "--workers", "0",
+         "--json", str(tmp_path / "m.json"), "--save-predictions", str(preds)])
+    evaluate.main(args)
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert set(report) >= {"miou", "pixel_acc", "mean_class_acc", "iou_per_class", "num_images"}
+    ids = common.read_split_ids(toy_root, "val")
+    assert report["num_images"] == len(ids) and sorted(os.listdir(preds)) == sorted(i + ".png" for i in ids)
+    cm = common.ConfusionMatrix(21)
+    for image_id in ids:  # recompute from the PNGs and the original masks, independently of evaluate()
+        pred = np.asarray(Image.open(preds / f"{image_id}.png"))
+        gt = np.asarray(Image.open(os.path.join(toy_root, "SegmentationClass", image_id + ".png")))
+        assert pred.shape == gt.shape
+        cm.update(torch.from_numpy(gt.astype(np.int64)), torch.from_numpy(pred.astype(np.int64)))
+    again = cm.compute()
+    assert report["miou"] == pytest.approx(again["miou"], abs=1e-12)
+    assert report["pixel_acc"] == pytest.approx(again["pixel_acc"], abs=1e-12)
+    for name, value in zip(common.VOC_CLASSES, again["iou_per_class"]):
+        assert (report["iou_per_class"][name] is None) == np.isnan(value)
+
+
+@pytest.mark.skipif(not os.path.isdir(VOC_SAMPLE), reason="../shared/voc_sample not present")
+def test_evaluate_runs_on_real_voc_files(tmp_path):
+    weights = tmp_path / "student.pth"
+    torch.manual_seed(0)
+    torch.save(LightweightDeepLabV3(21).state_dict(), weights)  # bare state_dict, random weights
+    proc = subprocess.run([sys.executable, "evaluate.py", "--weights", str(weights), "--data-dir", VOC_SAMPLE,
+                           "--cache-dir", str(tmp_path / "cache"), "--image-size", "96", "--workers", "0",
+                           "--no-download", "--json", str(tmp_path / "m.json")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["num_images"] == 200 and 0 <= report["miou"] <= 1
+    assert "mIoU" in proc.stdout
