@@ -412,10 +412,17 @@ def sample_grid(height, width, size, rng=None, scale_range=(0.5, 2.0)):
     return torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)
 
 
+def _outside(grid):
+    """Output pixels whose sample point lies outside the source image (padding of a crop)."""
+    return (grid.abs() > 1).any(dim=-1)
+
+
 def warp_image(img_u8, grid):
-    """uint8 (H, W, 3) -> normalised float (3, S, S), bilinear; outside the image is black."""
+    """uint8 (H, W, 3) -> normalised float (3, S, S), bilinear; edge pixels replicate like F.interpolate,
+    outside the image is black (0 before normalisation)."""
     x = torch.from_numpy(np.array(img_u8)).permute(2, 0, 1)[None].float().div_(255)
-    x = F.grid_sample(x, grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    x = F.grid_sample(x, grid[None], mode="bilinear", padding_mode="border", align_corners=False)[0]
+    x[:, _outside(grid)] = 0
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x - mean) / std
@@ -423,10 +430,9 @@ def warp_image(img_u8, grid):
 
 def warp_mask(mask_u8, grid):
     """uint8 (H, W) -> int64 (S, S), nearest; outside the image is IGNORE_INDEX."""
-    m = torch.from_numpy(np.array(mask_u8))[None, None].float() + 1  # 0 marks padding
-    m = F.grid_sample(m, grid[None], mode="nearest", padding_mode="zeros", align_corners=False)[0, 0]
-    m = m.long() - 1
-    m[m < 0] = IGNORE_INDEX
+    m = torch.from_numpy(np.array(mask_u8))[None, None].float()
+    m = F.grid_sample(m, grid[None], mode="nearest", padding_mode="border", align_corners=False)[0, 0].long()
+    m[_outside(grid)] = IGNORE_INDEX
     return m
 
 
@@ -999,3 +1005,91 @@ def fit(args, model, compute_loss, datasets, criterion, device, extra_modules=No
         print(format_epoch(rec))
     print(f"done: best val mIoU {100 * best_miou:.2f} -> {os.path.join(args.out_dir, 'best.pth')}")
     return history
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation: a frozen teacher and the teacher-logit cache
+# ---------------------------------------------------------------------------------------------
+
+def add_teacher_args(parser):
+    parser.add_argument("--teacher-weights", default=None, metavar="PATH",
+                        help="teacher checkpoint from 'train_baseline.py --model teacher' (default: torchvision's "
+                             "COCO_WITH_VOC_LABELS_V1 FCN-ResNet50)")
+    return parser
+
+
+def build_frozen_teacher(args, device):
+    """The teacher in eval mode, no grad, frozen BatchNorm, channels_last, on device."""
+    teacher = build_teacher(args.num_classes, pretrained=True, weights_path=args.teacher_weights)
+    teacher.eval().requires_grad_(False)
+    print(f"teacher: FCN-ResNet50, {count_params(teacher):,} parameters, "
+          f"{args.teacher_weights or 'torchvision COCO_WITH_VOC_LABELS_V1'}")
+    return teacher.to(device, memory_format=torch.channels_last)
+
+
+def teacher_autocast(device):
+    """Autocast for the frozen teacher where the hardware runs bf16/fp16 natively, else a no-op."""
+    if device.type == "cuda":
+        return autocast(device, True)
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def state_fingerprint(module):
+    h = hashlib.sha1()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class TeacherLogitCache:
+    """Teacher logits for every training image, at the teacher's native output resolution (stride 8), fp16,
+    in a memory-mapped .npy. The teacher sees each image resized to image_size (augmentation off); at train time
+    the sample's augmentation grid resamples the cached logits, so they follow the same scale/crop/flip as the
+    image and mask. Keyed by teacher weights, image size and dataset; rebuilt when any changes."""
+
+    def __init__(self, teacher, dataset, device, batch_size, workers):
+        self.path = os.path.join(dataset.cache.dir, "teacher_logits.npy")
+        key = hashlib.sha1(f"{state_fingerprint(teacher)}|{dataset.image_size}|{dataset.cache.fingerprint}|"
+                           f"{len(dataset)}".encode()).hexdigest()
+        meta_path = self.path[:-4] + ".json"
+        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) and os.path.isfile(self.path) else {}
+        self.build_s = 0.0
+        if meta.get("key") != key:
+            t0 = time.perf_counter()
+            self._build(teacher, dataset, device, batch_size, workers)
+            self.build_s = time.perf_counter() - t0
+            write_json(meta_path, {"key": key, "build_s": self.build_s})
+        self.size_mb = os.path.getsize(self.path) / 2 ** 20
+        self._logits = None
+
+    @torch.no_grad()
+    def _build(self, teacher, dataset, device, batch_size, workers):
+        plain = SegmentationDataset(dataset.cache, dataset.image_size, train=True, seed=dataset.seed)
+        plain.augment, plain.indices = False, dataset.indices
+        loader = make_loader(plain, batch_size, workers)
+        out = None
+        tmp = self.path[:-4] + ".tmp.npy"
+        for batch in tqdm(loader, desc="caching teacher logits", leave=False):
+            with teacher_autocast(device):
+                x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
+                logits = teacher(x, upsample=False).float().cpu().numpy().astype(np.float16)
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(plain),) + logits.shape[1:])
+            out[batch["index"].numpy()] = logits
+        out.flush()
+        del out
+        os.replace(tmp, self.path)
+
+    def __call__(self, i):
+        if self._logits is None:  # opened lazily, once per (worker) process
+            self._logits = np.load(self.path, mmap_mode="r")
+        return torch.from_numpy(np.array(self._logits[i]))
+
+
+def cached_teacher_logits(batch):
+    """Cached native-resolution teacher logits resampled with each sample's augmentation grid (B, C, S, S)."""
+    return F.grid_sample(batch["extra"].float(), batch["grid"], mode="bilinear", padding_mode="border",
+                         align_corners=False)  # border: edges replicate exactly as the live teacher's F.interpolate

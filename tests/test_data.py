@@ -100,11 +100,12 @@ def test_download_failure_is_one_clear_message(tmp_path):
     assert "VOCtrainval_11-May-2012.tar" in msg and str(tmp_path) in msg and "--toy" in msg
 
 
-def test_validation_resize_equals_bilinear_interpolate():
+@pytest.mark.parametrize("size", [24, 80])  # down- and up-sampling (edges must replicate, not fade to black)
+def test_validation_resize_equals_bilinear_interpolate(size):
     img = np.random.default_rng(0).integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
-    grid = common.sample_grid(37, 53, 24)
+    grid = common.sample_grid(37, 53, size)
     ours = common.warp_image(img, grid)
-    ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, size=(24, 24),
+    ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, size=(size, size),
                         mode="bilinear", align_corners=False)[0]
     ref = (ref - torch.tensor(common.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(common.IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)  # float32 rounding of grid coords

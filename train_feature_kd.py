@@ -1,0 +1,72 @@
+"""Feature-based KD: student features, mapped by 1x1 alignment convs to the teacher's channel counts and resized to
+its spatial size, are pulled towards the teacher's ResNet50 stage features by a cosine loss, plus weighted CE.
+
+    python train_feature_kd.py --data-dir ./data
+    python train_feature_kd.py --toy --no-pretrained --teacher-weights checkpoints/toy_teacher/best.pth
+
+Pairs (student -> teacher): backbone stage at stride 16 (features[12], 112 ch) -> layer3 (1024 ch): both are the
+last mid-level stage before the network's final block, holding parts/textures; head pre-classifier features
+(256 ch) -> layer4 (2048 ch): both are what each network's classifier reads, so matching them transfers the
+teacher's final representation. Teacher features are at stride 8, so the (aligned) student features are upsampled.
+loss = CE_w + feat_weight * (1 - cos) on the mid pair + final_feat_weight * (1 - cos) on the final pair, each
+averaged over positions. The alignment convs train with the student, are saved as the checkpoint's 'extra',
+and are not part of the deployable student ('model').
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+FEATURE_PAIRS = {"stage16": ("layer3", 112, 1024), "head": ("layer4", 256, 2048)}  # student: (teacher, c_s, c_t)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Train the student with feature-based knowledge distillation.")
+    common.add_training_args(parser)
+    common.add_teacher_args(parser)
+    parser.add_argument("--feat-weight", type=float, default=0.1,
+                        help="weight of the cosine loss on stage16 -> layer3 (default: %(default)s)")
+    parser.add_argument("--final-feat-weight", type=float, default=0.5,
+                        help="weight of the cosine loss on head -> layer4 (default: %(default)s)")
+    return parser
+
+
+def build_adapters():
+    return nn.ModuleDict({s: nn.Conv2d(c_s, c_t, 1) for s, (_, c_s, c_t) in FEATURE_PAIRS.items()})
+
+
+def cosine_feature_loss(student_feat, teacher_feat, adapter):
+    """Mean over positions of 1 - cos(adapter(student) resized to the teacher's size, teacher)."""
+    aligned = F.interpolate(adapter(student_feat), size=teacher_feat.shape[-2:], mode="bilinear", align_corners=False)
+    return (1 - F.cosine_similarity(aligned.float(), teacher_feat.float(), dim=1)).mean()
+
+
+def main(args):
+    device = common.setup_run(args, strategy="feature-kd")
+    datasets, _ = common.build_datasets(args)
+    class_weights = common.compute_class_weights(datasets["train"])
+    teacher = common.build_frozen_teacher(args, device)
+    student = common.build_student(args.num_classes, pretrained=not args.no_pretrained)
+    adapters = build_adapters()
+    criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
+    weights = {"stage16": args.feat_weight, "head": args.final_feat_weight}
+
+    def compute_loss(batch):
+        logits, feats = student(batch["image"], return_features=True)
+        with torch.no_grad(), common.teacher_autocast(device):
+            _, teacher_feats = teacher(batch["image"].contiguous(memory_format=torch.channels_last),
+                                       return_features=True, upsample=False)
+        parts = {"ce": criterion(logits, batch["mask"])}
+        for s, (t, _, _) in FEATURE_PAIRS.items():
+            parts[f"feat_{s}"] = cosine_feature_loss(feats[s], teacher_feats[t], adapters[s])
+        loss = parts["ce"] + sum(weights[s] * parts[f"feat_{s}"] for s in FEATURE_PAIRS)
+        return loss, parts
+
+    common.fit(args, student, compute_loss, datasets, criterion, device, extra_modules=adapters)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,73 @@
+"""Response-based KD (Hinton et al. 2015): the student matches the teacher's temperature-softened per-pixel
+class distributions, plus weighted cross-entropy on the labels.
+
+    python train_response_kd.py --data-dir ./data                                   # pretrained COCO/VOC teacher
+    python train_response_kd.py --toy --no-pretrained --teacher-weights checkpoints/toy_teacher/best.pth
+    python train_response_kd.py --toy --no-pretrained --teacher-weights T.pth --no-teacher-cache   # live teacher
+
+loss = ce_weight * CE_w(student, labels) + soft_target_weight * T^2 * KL(p_teacher^T || p_student^T),
+the KL averaged over non-ignore pixels. By default the teacher runs once over the training set and its logits
+are cached (fp16, native stride 8) and warped with each sample's augmentation.
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Train the student with response-based knowledge distillation.")
+    common.add_training_args(parser)
+    common.add_teacher_args(parser)
+    parser.add_argument("--ce-weight", type=float, default=0.5, help="weight of the label CE term (default: %(default)s)")
+    parser.add_argument("--soft-target-weight", type=float, default=0.5,
+                        help="weight of the KD term (default: %(default)s)")
+    parser.add_argument("--temperature", type=common.positive_float, default=2.0,
+                        help="softmax temperature T of both distributions (default: %(default)s)")
+    parser.add_argument("--no-teacher-cache", action="store_true",
+                        help="run the teacher live on every augmented batch instead of using the logit cache")
+    return parser
+
+
+def response_kd_loss(student_logits, teacher_logits, target, temperature):
+    """T^2 * mean over non-ignore pixels of KL(softmax(t/T) || softmax(s/T)) (Hinton et al. 2015)."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)  # (B, H, W)
+    valid = target != common.IGNORE_INDEX
+    return kl[valid].sum() / valid.sum().clamp(min=1) * temperature ** 2
+
+
+def main(args):
+    device = common.setup_run(args, strategy="response-kd")
+    datasets, _ = common.build_datasets(args)
+    class_weights = common.compute_class_weights(datasets["train"])
+    teacher = common.build_frozen_teacher(args, device)
+    if not args.no_teacher_cache:
+        cache = common.TeacherLogitCache(teacher, datasets["train"], device, args.batch_size, args.workers)
+        print(f"teacher-logit cache {cache.path}: {cache.size_mb:.1f} MB"
+              + (f", built in {cache.build_s:.1f}s" if cache.build_s else " (reused)"))
+        datasets["train"].extra = cache
+        teacher = None  # everything the loss needs from it is in the cache now
+    student = common.build_student(args.num_classes, pretrained=not args.no_pretrained)
+    criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
+
+    def compute_loss(batch):
+        logits = student(batch["image"])
+        if args.no_teacher_cache:
+            with torch.no_grad(), common.teacher_autocast(device):
+                teacher_logits = teacher(batch["image"].contiguous(memory_format=torch.channels_last)).float()
+        else:
+            teacher_logits = common.cached_teacher_logits(batch)
+        ce = criterion(logits, batch["mask"])
+        kd = response_kd_loss(logits.float(), teacher_logits, batch["mask"], args.temperature)
+        return args.ce_weight * ce + args.soft_target_weight * kd, {"ce": ce, "kd": kd}
+
+    common.fit(args, student, compute_loss, datasets, criterion, device)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
