@@ -1093,3 +1093,257 @@ def cached_teacher_logits(batch):
     """Cached native-resolution teacher logits resampled with each sample's augmentation grid (B, C, S, S)."""
     return F.grid_sample(batch["extra"].float(), batch["grid"], mode="bilinear", padding_mode="border",
                          align_corners=False)  # border: edges replicate exactly as the live teacher's F.interpolate
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference backends and timing (time_student.py, time_teacher.py)
+# ---------------------------------------------------------------------------------------------
+
+TIMING_BACKENDS = ("eager", "channels_last", "bf16", "fp16", "compile", "onnxruntime")
+
+
+class BackendUnavailable(Exception):
+    """This backend cannot run on this machine/device (the reason is reported, not hidden)."""
+
+
+def backend_list(text):
+    names = TIMING_BACKENDS if text == "all" else tuple(text.split(","))
+    bad = [n for n in names if n not in TIMING_BACKENDS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown backend {bad[0]!r}; choose from {', '.join(TIMING_BACKENDS)} or all")
+    return names
+
+
+def add_timing_args(parser):
+    add_data_args(parser)
+    parser.add_argument("--backend", type=backend_list, default="eager",
+                        help=f"how the model runs: {', '.join(TIMING_BACKENDS)}, a comma-separated list of them, or "
+                             f"'all' for every backend side by side (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=16,
+                        help="batch size of the throughput measurement (default: %(default)s)")
+    parser.add_argument("--runs", type=positive_int, default=50, help="timed runs at batch 1 (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's default)")
+    parser.add_argument("--no-miou", action="store_true", help="skip the val mIoU measurement")
+    parser.add_argument("--profile", action="store_true", help="print a per-operator profile of the eager model")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON to PATH")
+    parser.add_argument("--plot", default=None, metavar="PATH", help="draw latency distributions (and, with "
+                        "--compare, the speed/accuracy point of each model) to PATH")
+    parser.add_argument("--compare", nargs="*", default=[], metavar="JSON",
+                        help="timing JSON files of other models to draw beside this one in --plot")
+    return parser
+
+
+def export_onnx(model, path, image_size, verify=True):
+    """Export to ONNX with a dynamic batch axis; verify ONNX Runtime's output against PyTorch's. Returns max |diff|."""
+    import warnings
+    model = model.eval().cpu()
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notes about python flags
+        torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["logits"], opset_version=17,
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    if not verify:
+        return None
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x3 = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = model(x3).numpy()
+    diff = float(np.abs(session.run(None, {"image": x3.numpy()})[0] - ref).max())
+    if not diff < 1e-3:
+        raise SystemExit(f"error: ONNX export {path} differs from PyTorch by {diff:.2e} (max abs); not usable")
+    return diff
+
+
+def prepare_backend(model, backend, device, image_size, threads=None, tmp_dir=None):
+    """A function x -> float32 logits running model with the given backend; BackendUnavailable if it can't run here."""
+    import copy
+    model = copy.deepcopy(model).eval().to(device)
+    if backend == "eager":
+        return model
+    if backend == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        return lambda x: model(x.contiguous(memory_format=torch.channels_last))
+    if backend == "bf16":
+        if device.type == "cuda":
+            return lambda x: _autocast_run(model, x, "cuda", torch.bfloat16)
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            raise BackendUnavailable("this CPU has no native bf16 (needs AVX512-BF16 or AMX); it would be emulated")
+        return lambda x: _autocast_run(model, x, "cpu", torch.bfloat16)
+    if backend == "fp16":
+        if device.type != "cuda":
+            raise BackendUnavailable("fp16 inference is a CUDA backend; on CPU use bf16 where supported")
+        model = model.half()
+        return lambda x: model(x.half()).float()
+    if backend == "compile":
+        compiled = torch.compile(model)
+        return compiled
+    if backend == "onnxruntime":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailable("onnxruntime is not installed (pip install onnxruntime)")
+        import tempfile
+        path = os.path.join(tmp_dir or tempfile.mkdtemp(), "model.onnx")
+        export_onnx(model.cpu(), path, image_size, verify=False)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
+        session = ort.InferenceSession(path, options, providers=providers + ["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(session.run(None, {"image": x.cpu().numpy()})[0]).to(x.device)
+    raise ValueError(backend)
+
+
+def _autocast_run(model, x, device_type, dtype):
+    with torch.autocast(device_type, dtype=dtype):
+        return model(x).float()
+
+
+def measure_latency(fn, x, warmup, runs, device):
+    """Seconds per call of fn(x), each timed alone after warm-up (CUDA synchronised)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(x)
+        sync()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn(x)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+class _Callable(nn.Module):
+    """Lets evaluate() run any backend function."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def time_model(model, name, args):
+    """The timing recipe shared by time_student.py and time_teacher.py: every requested backend's latency (batch 1,
+    median/p90), throughput at --batch-size, output difference to eager, and val mIoU; prints a table, writes
+    --json and --plot. Returns the result dict."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = setup_run(args, strategy="timing")
+    args.image_size = args.image_size or 256
+    backends = backend_list(args.backend) if isinstance(args.backend, str) else args.backend
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(1, 3, args.image_size, args.image_size, generator=gen).to(device)
+    xb = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device)
+    model = model.eval().to(device)
+    with torch.inference_mode():
+        reference = model(x1).float()
+    val_loader = None
+    if not args.no_miou:
+        args.eval_only = True
+        val_loader = make_loader(build_datasets(args, splits=("val",))[0]["val"], 8, args.workers)
+    result = {"model": name, "params": count_params(model), "image_size": args.image_size, "device": str(device),
+              "size_mb": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2 ** 20,
+              "threads": torch.get_num_threads(), "batch_size": args.batch_size, "miou": None, "backends": {}}
+    for backend in backends:
+        try:
+            fn = prepare_backend(model, backend, device, args.image_size, args.threads)
+            with torch.inference_mode():
+                diff = float((fn(x1).float() - reference).abs().max())
+        except BackendUnavailable as e:
+            result["backends"][backend] = {"unavailable": str(e)}
+            print(f"{backend:>14s}: unavailable ({e})")
+            continue
+        lat = measure_latency(fn, x1, args.warmup, args.runs, device)
+        thr = measure_latency(fn, xb, min(args.warmup, 2), max(3, args.runs // 10), device)
+        rec = {"latency_ms_median": 1000 * statistics_median(lat), "latency_ms_p90": 1000 * float(np.percentile(lat, 90)),
+               "fps": 1.0 / statistics_median(lat), "throughput_img_s": args.batch_size / statistics_median(thr),
+               "max_abs_diff": diff, "latencies_ms": [1000 * t for t in lat]}
+        if val_loader is not None:
+            rec["miou"] = evaluate(_Callable(fn), val_loader, device, model.num_classes)["miou"]
+            if backend == "eager" or result["miou"] is None:
+                result["miou"] = rec["miou"]
+        result["backends"][backend] = rec
+        print(f"{backend:>14s}: {rec['latency_ms_median']:8.2f} ms median, {rec['latency_ms_p90']:8.2f} ms p90 at batch 1 | "
+              f"{rec['throughput_img_s']:7.1f} img/s at batch {args.batch_size} | max |diff| {diff:.1e}"
+              + (f" | mIoU {100 * rec['miou']:.2f}" if "miou" in rec else ""))
+    print_timing_table(result)
+    if args.profile:
+        profile_model(model, x1)
+    if args.json:
+        write_json(args.json, result)
+    if args.plot:
+        others = []
+        for path in args.compare:
+            with open(path) as f:
+                others.append(json.load(f))
+        plot_timing([result] + others, args.plot)
+    return result
+
+
+def statistics_median(values):
+    return float(np.median(values))
+
+
+def print_timing_table(result):
+    ok = {k: v for k, v in result["backends"].items() if "latency_ms_median" in v}
+    eager = ok.get("eager", {}).get("latency_ms_median")
+    print(f"\n{result['model']}: {result['params']:,} parameters, {result['size_mb']:.1f} MB, {result['image_size']}px, "
+          f"{result['device']}, {result['threads']} threads" + (f", val mIoU {100 * result['miou']:.2f}" if result["miou"] is not None else ""))
+    print("| backend | median ms (batch 1) | p90 ms | FPS | img/s (batch %d) | speed-up vs eager | max abs diff |" % result["batch_size"])
+    print("|---|---|---|---|---|---|---|")
+    for name, r in ok.items():
+        speedup = f"{eager / r['latency_ms_median']:.2f}x" if eager else "-"
+        print(f"| {name} | {r['latency_ms_median']:.2f} | {r['latency_ms_p90']:.2f} | {r['fps']:.1f} | "
+              f"{r['throughput_img_s']:.1f} | {speedup} | {r['max_abs_diff']:.1e} |")
+
+
+def profile_model(model, x, rows=15):
+    """Where the eager model's time goes: torch.profiler operator table, sorted by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        with profile(activities=activities) as prof:
+            for _ in range(10):
+                model(x)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def plot_timing(results, path):
+    """Latency distribution per backend (per model) and, for several models, latency vs val mIoU."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels, data = [], []
+    for r in results:
+        for backend, b in r["backends"].items():
+            if "latencies_ms" in b:
+                labels.append(f"{r['model']}\n{backend}")
+                data.append(b["latencies_ms"])
+    axes[0].boxplot(data, orientation="horizontal")
+    axes[0].set_yticks(range(1, len(labels) + 1), labels, fontsize=7)
+    axes[0].set_xscale("log")
+    axes[0].set(xlabel="latency per image at batch 1 (ms, log)", title="Timing statistics")
+    axes[0].grid(alpha=0.3)
+    for r in results:
+        for backend, b in r["backends"].items():
+            if "latency_ms_median" in b and b.get("miou") is not None:
+                axes[1].scatter(b["latency_ms_median"], 100 * b["miou"])
+                axes[1].annotate(f"{r['model']} {backend}", (b["latency_ms_median"], 100 * b["miou"]), fontsize=7)
+    axes[1].set_xscale("log")
+    axes[1].set(xlabel="median latency (ms, log)", ylabel="val mIoU (%)", title="Speed vs accuracy")
+    axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,37 @@
+"""Time the student: latency (median, p90 at batch 1), throughput, FPS, size and val mIoU, per backend.
+
+    python time_student.py --weights checkpoints/demo/baseline/best.pth --toy --backend all --json student_timing.json
+    python time_student.py --backend all --no-miou                   # random weights: same timing, fully offline
+    python time_student.py --weights best.pth --export-onnx student.onnx   # deployable ONNX file (dynamic batch)
+"""
+import argparse
+
+import common
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Time the LightweightDeepLabV3 student.")
+    parser.add_argument("--weights", default=None, help="student checkpoint (default: random weights)")
+    common.add_timing_args(parser)
+    parser.add_argument("--export-onnx", default=None, metavar="PATH",
+                        help="write the student as ONNX (dynamic batch), verified against PyTorch, and exit")
+    return parser
+
+
+def main(args):
+    if args.weights:
+        model, arch, _, _ = common.load_model(args.weights)
+        if arch != "student":
+            raise SystemExit(f"error: --weights {args.weights} holds a {arch}; use time_teacher.py for it")
+        args.num_classes = model.num_classes
+    else:
+        model = common.build_student(args.num_classes, pretrained=False)
+    if args.export_onnx:
+        diff = common.export_onnx(model, args.export_onnx, args.image_size or 256)
+        print(f"wrote {args.export_onnx} (dynamic batch); ONNX Runtime vs PyTorch max |diff| {diff:.1e}")
+        return None
+    return common.time_model(model, "student", args)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,32 @@
+"""Time the FCN-ResNet50 teacher: latency (median, p90 at batch 1), throughput, FPS, size and val mIoU, per backend.
+
+    python time_teacher.py --no-pretrained --backend all --no-miou --json teacher_timing.json   # offline
+    python time_teacher.py --weights checkpoints/demo/teacher/best.pth --toy
+    python time_teacher.py --data-dir ./data                          # torchvision's pretrained teacher on VOC val
+"""
+import argparse
+
+import common
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Time the FCN-ResNet50 teacher.")
+    parser.add_argument("--weights", default=None, help="teacher checkpoint (default: torchvision's pretrained weights)")
+    parser.add_argument("--no-pretrained", action="store_true", help="random weights (times the same, works offline)")
+    common.add_timing_args(parser)
+    return parser
+
+
+def main(args):
+    if args.weights:
+        model, arch, _, _ = common.load_model(args.weights)
+        if arch != "teacher":
+            raise SystemExit(f"error: --weights {args.weights} holds a {arch}; use time_student.py for it")
+        args.num_classes = model.num_classes
+    else:
+        model = common.build_teacher(args.num_classes, pretrained=not args.no_pretrained)
+    return common.time_model(model, "teacher", args)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
