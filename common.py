@@ -1231,6 +1231,14 @@ class _Callable(nn.Module):
         return self.fn(x)
 
 
+def load_model_for_timing(path, arch):
+    """The network in a checkpoint, which must be of the given arch (student/teacher)."""
+    model, found, _, _ = load_model(path)
+    if found != arch:
+        raise SystemExit(f"error: --weights {path} holds a {found}; use time_{found}.py for it")
+    return model
+
+
 def time_model(model, name, args):
     """The timing recipe shared by time_student.py and time_teacher.py: every requested backend's latency (batch 1,
     median/p90), throughput at --batch-size, output difference to eager, and val mIoU; prints a table, writes
@@ -1239,6 +1247,7 @@ def time_model(model, name, args):
         torch.set_num_threads(args.threads)
     device = setup_run(args, strategy="timing")
     args.image_size = args.image_size or 256
+    args.num_classes = model.num_classes
     backends = backend_list(args.backend) if isinstance(args.backend, str) else args.backend
     gen = torch.Generator().manual_seed(0)
     x1 = torch.randn(1, 3, args.image_size, args.image_size, generator=gen).to(device)
@@ -1324,6 +1333,7 @@ def plot_timing(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     labels, data = [], []
     for r in results:
@@ -1336,11 +1346,14 @@ def plot_timing(results, path):
     axes[0].set_xscale("log")
     axes[0].set(xlabel="latency per image at batch 1 (ms, log)", title="Timing statistics")
     axes[0].grid(alpha=0.3)
-    for r in results:
-        for backend, b in r["backends"].items():
-            if "latency_ms_median" in b and b.get("miou") is not None:
-                axes[1].scatter(b["latency_ms_median"], 100 * b["miou"])
-                axes[1].annotate(f"{r['model']} {backend}", (b["latency_ms_median"], 100 * b["miou"]), fontsize=7)
+    axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    points = [(f"{r['model']} {backend}", b["latency_ms_median"], 100 * b["miou"]) for r in results
+              for backend, b in r["backends"].items() if "latency_ms_median" in b and b.get("miou") is not None]
+    for label, latency, miou in points:
+        axes[1].scatter(latency, miou)
+        axes[1].annotate(label, (latency, miou), fontsize=7)
+    if not points:
+        axes[1].text(0.5, 0.5, "no val mIoU measured (--no-miou)", ha="center", transform=axes[1].transAxes)
     axes[1].set_xscale("log")
     axes[1].set(xlabel="median latency (ms, log)", ylabel="val mIoU (%)", title="Speed vs accuracy")
     axes[1].grid(alpha=0.3)

@@ -24,8 +24,8 @@ def get_args_parser():
     parser.add_argument("--data-dir", default="./data", help="data folder (default: %(default)s)")
     parser.add_argument("--real", action="store_true", help="use VOC 2012 under --data-dir instead of the toy set")
     parser.add_argument("--out-dir", default="checkpoints/demo", help="folder of the four runs (default: %(default)s)")
-    parser.add_argument("--epochs", type=common.positive_int, default=6, help="epochs of each student (default: %(default)s)")
-    parser.add_argument("--teacher-epochs", type=int, default=3,
+    parser.add_argument("--epochs", type=common.positive_int, default=5, help="epochs of each student (default: %(default)s)")
+    parser.add_argument("--teacher-epochs", type=int, default=2,
                         help="epochs of teacher fine-tuning; 0 = use the pretrained teacher as is (default: %(default)s)")
     parser.add_argument("--image-size", type=common.positive_int, default=96, help="input size (default: %(default)s)")
     parser.add_argument("--batch-size", type=common.positive_int, default=8, help="batch size (default: %(default)s)")

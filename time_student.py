@@ -20,10 +20,7 @@ def get_args_parser():
 
 def main(args):
     if args.weights:
-        model, arch, _, _ = common.load_model(args.weights)
-        if arch != "student":
-            raise SystemExit(f"error: --weights {args.weights} holds a {arch}; use time_teacher.py for it")
-        args.num_classes = model.num_classes
+        model = common.load_model_for_timing(args.weights, "student")
     else:
         model = common.build_student(args.num_classes, pretrained=False)
     if args.export_onnx:

@@ -19,10 +19,7 @@ def get_args_parser():
 
 def main(args):
     if args.weights:
-        model, arch, _, _ = common.load_model(args.weights)
-        if arch != "teacher":
-            raise SystemExit(f"error: --weights {args.weights} holds a {arch}; use time_student.py for it")
-        args.num_classes = model.num_classes
+        model = common.load_model_for_timing(args.weights, "teacher")
     else:
         model = common.build_teacher(args.num_classes, pretrained=not args.no_pretrained)
     return common.time_model(model, "teacher", args)
