@@ -5,16 +5,18 @@ Scripts import this module; importing it does no work.
 """
 import argparse
 import contextlib
-import shutil
 import datetime
+import errno
 import hashlib
 import json
-import math
 import os
 import random
+import shutil
+import signal
 import socket
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import warnings
@@ -297,9 +299,12 @@ def atomic_write(path, write_fn):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise SystemExit(f"error: no space left on the device writing {path}; the previous version of it is "
+                             f"intact. Free some space, then continue with --resume")
         raise
 
 
@@ -768,6 +773,8 @@ def add_training_args(parser, default_epochs=50):
     parser.add_argument("--save-every", type=positive_int, default=5,
                         help="also keep epoch_NNN.pth every N epochs (default: %(default)s)")
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16 where supported, else fp16)")
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="skip batches whose loss is NaN/inf (default: stop the run, naming the batch and term)")
     return parser
 
 
@@ -857,11 +864,21 @@ def autocast(device, enabled):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def make_loader(dataset, batch_size, workers, shuffle=False, generator=None):
-    sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-        drop_last=shuffle and len(dataset) > batch_size, generator=generator, pin_memory=False)
+def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, skip_batches=0):
+    """Batches of dataset; shuffle uses generator's permutation (drop_last), of which the first skip_batches
+    batches are left out (resuming inside an epoch gives exactly the batches the interrupted run had left)."""
+    sampler = None
+    drop_last = shuffle and len(dataset) > batch_size
+    if shuffle:
+        order = torch.randperm(len(dataset), generator=generator).tolist()
+        if drop_last:
+            order = order[:len(order) // batch_size * batch_size]
+        sampler = order[skip_batches * batch_size:]
+    # an explicit generator also keeps the loader from drawing its worker seed from the global RNG, which would
+    # shift dropout's random stream between an uninterrupted and a resumed run
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       collate_fn=collate, drop_last=drop_last, pin_memory=False,
+                                       generator=generator if generator is not None else torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()
@@ -900,21 +917,60 @@ def format_epoch(rec):
             f"{rec['epoch_s']:.1f}s {rec['train_img_s']:.1f} img/s data wait {100 * rec['data_wait_frac']:.0f}%")
 
 
-def train_one_epoch(model, compute_loss, loader, optimizer, device, amp, epoch, scaler, trainable):
+class StopRequest:
+    """SIGINT/SIGTERM while training: the first lets the loop finish its batch, save a resumable checkpoint and
+    exit; a second exits at once."""
+
+    def __init__(self):
+        self.signal, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr)
+            os._exit(128 + signum)
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: saving a resumable checkpoint after this batch (send it again to exit at once)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def new_progress():
+    """Running state of one epoch; saved in a checkpoint when a run is interrupted inside an epoch."""
+    return {"step": 0, "totals": {}, "n_images": 0, "wait": 0.0, "seconds": 0.0, "skipped": 0}
+
+
+def train_one_epoch(model, compute_loss, loader, optimizer, device, amp, epoch, scaler, progress,
+                    stop=None, skip_nonfinite=False):
+    """Train over loader, continuing progress (new_progress() or a resumed one); stops early if stop.signal."""
     model.train()
-    totals, n_images, wait = {}, 0, 0.0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=progress["step"] + len(loader), initial=progress["step"], desc=f"epoch {epoch}", leave=False,
+               dynamic_ncols=True)
     t_wait = time.perf_counter()
-    for step, batch in enumerate(loader):
-        wait += time.perf_counter() - t_wait
+    for batch in loader:
+        progress["wait"] += time.perf_counter() - t_wait
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast(device, amp):
             loss, parts = compute_loss(batch)
+        step = progress["step"]
+        progress["step"] += 1
         if not torch.isfinite(loss):
-            bad = [k for k, v in parts.items() if not torch.isfinite(v)]
-            raise SystemExit(f"error: non-finite loss at epoch {epoch} batch {step} (terms: {', '.join(bad) or 'total'}); "
-                             f"the last good checkpoint is kept. Lower --lr or check the data")
+            bad = ", ".join(k for k, v in parts.items() if not torch.isfinite(v)) or "total"
+            if not skip_nonfinite:
+                raise SystemExit(f"error: non-finite loss at epoch {epoch} batch {step} (terms: {bad}); the last good "
+                                 f"checkpoint is kept. Lower --lr, check the data, or pass --skip-nonfinite")
+            warnings.warn(f"skipping batch {step} of epoch {epoch}: non-finite loss (terms: {bad})")
+            progress["skipped"] += 1
+            continue
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -924,24 +980,33 @@ def train_one_epoch(model, compute_loss, loader, optimizer, device, amp, epoch, 
             loss.backward()
             optimizer.step()
         bs = batch["image"].shape[0]
-        n_images += bs
+        progress["n_images"] += bs
         for k, v in {"loss": loss, **parts}.items():
-            totals[k] = totals.get(k, 0.0) + float(v.detach()) * bs
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{n_images / elapsed:.1f}")
+            progress["totals"][k] = progress["totals"].get(k, 0.0) + float(v.detach()) * bs
+        seconds = progress["seconds"] + time.perf_counter() - t0
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{progress['n_images'] / seconds:.1f}")
         bar.update()
+        if stop is not None and stop.signal:
+            break
         t_wait = time.perf_counter()
     bar.close()
-    seconds = time.perf_counter() - t0
-    stats = {("train_loss" if k == "loss" else f"train_loss_{k}"): v / max(n_images, 1) for k, v in totals.items()}
-    stats.update(train_s=seconds, train_img_s=n_images / seconds, data_wait_frac=wait / seconds)
+    progress["seconds"] += time.perf_counter() - t0
+    return progress
+
+
+def epoch_stats(progress):
+    n, seconds = max(progress["n_images"], 1), max(progress["seconds"], 1e-9)
+    stats = {("train_loss" if k == "loss" else f"train_loss_{k}"): v / n for k, v in progress["totals"].items()}
+    stats.update(train_s=seconds, train_img_s=progress["n_images"] / seconds,
+                 data_wait_frac=progress["wait"] / seconds, skipped_batches=progress["skipped"])
     return stats
 
 
 def fit(args, model, compute_loss, datasets, criterion, device, extra_modules=None):
     """The shared loop: Adam + ReduceLROnPlateau(val mIoU), checkpoints (last/periodic/best, atomic),
-    history.json, plots, exact --resume. compute_loss(batch) -> (loss, {term: value}).
-    extra_modules (e.g. distillation adapters) train with the model and are saved beside it."""
+    history.json, plots, exact --resume (also from inside an epoch after SIGINT/SIGTERM).
+    compute_loss(batch) -> (loss, {term: value}); extra_modules (e.g. distillation adapters) train with the
+    model and are saved beside it."""
     arch = "teacher" if isinstance(model, Teacher) else "student"
     extra = extra_modules if extra_modules is not None else nn.ModuleDict()
     params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
@@ -949,7 +1014,7 @@ def fit(args, model, compute_loss, datasets, criterion, device, extra_modules=No
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_factor,
                                                            patience=args.lr_patience)
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
-    start_epoch, best_miou, history = 0, -1.0, []
+    start_epoch, best_miou, history, partial = 0, -1.0, [], None
     if args.resume:
         ckpt = read_checkpoint(args.resume)
         for key, have in (("arch", arch), ("num_classes", args.num_classes), ("strategy", args.strategy)):
@@ -961,13 +1026,14 @@ def fit(args, model, compute_loss, datasets, criterion, device, extra_modules=No
         extra.load_state_dict(ckpt["extra"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, best_miou, history = ckpt["epoch"] + 1, ckpt["best_miou"], ckpt["history"]
+        start_epoch, best_miou, history, partial = ckpt["epoch"] + 1, ckpt["best_miou"], ckpt["history"], ckpt.get("partial")
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        print(f"resumed {args.resume} at epoch {start_epoch} (best mIoU {100 * best_miou:.2f})")
+        print(f"resumed {args.resume} at epoch {start_epoch}" + (f" batch {partial['step']}" if partial else "")
+              + f" (best mIoU {100 * best_miou:.2f})")
     model.to(device)
     extra.to(device)
     write_json(os.path.join(args.out_dir, "config.json"), vars(args))
@@ -975,34 +1041,50 @@ def fit(args, model, compute_loss, datasets, criterion, device, extra_modules=No
     val_loader = make_loader(val_set, args.batch_size, args.workers)
     print(f"{arch}: {count_params(model):,} parameters | train {len(train_set)} val {len(val_set)} images | "
           f"device {device} | out {args.out_dir}")
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.perf_counter()
-        train_set.set_epoch(epoch)
-        loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True,
-                             generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-        stats = train_one_epoch(model, compute_loss, loader, optimizer, device, args.amp, epoch, scaler, extra)
-        metrics = evaluate(model, val_loader, device, args.num_classes, criterion, args.amp)
-        scheduler.step(metrics["miou"])
-        rec = {"epoch": epoch, **stats, "val_loss": metrics["loss"], "val_miou": metrics["miou"],
-               "val_pixel_acc": metrics["pixel_acc"], "val_mean_class_acc": metrics["mean_class_acc"],
-               "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
-        history.append(rec)
-        is_best = metrics["miou"] > best_miou
-        best_miou = max(best_miou, metrics["miou"])
-        ckpt = {"model": model.state_dict(), "extra": extra.state_dict(), "optimizer": optimizer.state_dict(),
+
+    def checkpoint(epoch, **more):
+        return {"model": model.state_dict(), "extra": extra.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best_miou": best_miou, "history": history,
                 "args": vars(args), "arch": arch, "num_classes": args.num_classes,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
-        save_checkpoint(ckpt, os.path.join(args.out_dir, "last.pth"))
-        if (epoch + 1) % args.save_every == 0:
-            atomic_copy(os.path.join(args.out_dir, "last.pth"), os.path.join(args.out_dir, f"epoch_{epoch + 1:03d}.pth"))
-        if is_best:
-            atomic_copy(os.path.join(args.out_dir, "last.pth"), os.path.join(args.out_dir, "best.pth"))
-        write_json(os.path.join(args.out_dir, "history.json"), history)
-        with open(os.path.join(args.out_dir, "history.json")) as f:
-            plot_history(json.load(f), args.out_dir)
-        print(format_epoch(rec))
+                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}, **more}
+
+    last = os.path.join(args.out_dir, "last.pth")
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            t0 = time.perf_counter()
+            train_set.set_epoch(epoch)
+            progress = partial if partial is not None and partial["epoch"] == epoch else dict(new_progress(), epoch=epoch)
+            loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, skip_batches=progress["step"],
+                                 generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+            steps, seconds_before = progress["step"] + len(loader), progress["seconds"]
+            progress = train_one_epoch(model, compute_loss, loader, optimizer, device, args.amp, epoch, scaler,
+                                       progress, stop, args.skip_nonfinite)
+            if progress["step"] < steps:  # interrupted inside the epoch: save exactly where we are
+                save_checkpoint(checkpoint(epoch - 1, partial=progress), last)
+                raise SystemExit(f"interrupted by {stop.signal}: saved {last} at epoch {epoch} batch {progress['step']}/"
+                                 f"{steps}; continue with the same command plus --resume")
+            metrics = evaluate(model, val_loader, device, args.num_classes, criterion, args.amp)
+            scheduler.step(metrics["miou"])
+            rec = {"epoch": epoch, **epoch_stats(progress), "val_loss": metrics["loss"], "val_miou": metrics["miou"],
+                   "val_pixel_acc": metrics["pixel_acc"], "val_mean_class_acc": metrics["mean_class_acc"],
+                   "lr": optimizer.param_groups[0]["lr"],
+                   "epoch_s": seconds_before + time.perf_counter() - t0}
+            history.append(rec)
+            is_best = metrics["miou"] > best_miou
+            best_miou = max(best_miou, metrics["miou"])
+            save_checkpoint(checkpoint(epoch), last)
+            if (epoch + 1) % args.save_every == 0:
+                atomic_copy(last, os.path.join(args.out_dir, f"epoch_{epoch + 1:03d}.pth"))
+            if is_best:
+                atomic_copy(last, os.path.join(args.out_dir, "best.pth"))
+            write_json(os.path.join(args.out_dir, "history.json"), history)
+            with open(os.path.join(args.out_dir, "history.json")) as f:
+                plot_history(json.load(f), args.out_dir)
+            print(format_epoch(rec))
+            if stop.signal:
+                raise SystemExit(f"interrupted by {stop.signal}: saved {last} after epoch {epoch}; "
+                                 f"continue with the same command plus --resume")
     print(f"done: best val mIoU {100 * best_miou:.2f} -> {os.path.join(args.out_dir, 'best.pth')}")
     return history
 

@@ -1,0 +1,128 @@
+"""Faults: SIGTERM inside an epoch and kill -9 both resume to exactly the uninterrupted history; non-finite
+losses stop (or skip) naming the batch and term; a full disk keeps the old checkpoint; a truncated JPEG is named."""
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import common
+import train_baseline
+from conftest import REPO, small_run_args
+
+COMPARED = ("train_loss", "val_loss", "val_miou", "val_pixel_acc", "lr")
+
+
+def _args(data_dir, out, *extra):
+    return small_run_args(data_dir, out, "--epochs", "2", "--limit-train", "64", "--lr", "1e-3", *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    train_baseline.main(train_baseline.get_args_parser().parse_args(_args(data_dir, out)))
+    return json.loads((out / "history.json").read_text())
+
+
+def _start_and_signal(data_dir, out, sig):
+    """Start a run, send sig once its progress bar shows epoch 1 under way, wait for the exit."""
+    proc = subprocess.Popen([sys.executable, "train_baseline.py", *_args(data_dir, out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while not re.search(r"epoch 1: .*\| [1-6]/8 ", "".join(stderr)):
+        assert proc.poll() is None and time.time() < deadline, "".join(stderr)[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    return proc.returncode, "".join(stderr)
+
+
+def _resume_and_compare(data_dir, out, reference):
+    train_baseline.main(train_baseline.get_args_parser().parse_args(_args(data_dir, out, "--resume")))
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == len(reference)
+    for a, b in zip(history, reference):
+        for key in COMPARED:
+            assert a[key] == b[key], (a["epoch"], key)
+
+
+def test_sigterm_inside_an_epoch_saves_and_resumes_exactly(data_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    code, stderr = _start_and_signal(data_dir, out, signal.SIGTERM)
+    assert code == 1 and "interrupted by SIGTERM" in stderr and "--resume" in stderr
+    ckpt = torch.load(out / "last.pth", weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["partial"]["epoch"] == 1 and 2 <= ckpt["partial"]["step"] < 8
+    _resume_and_compare(data_dir, out, reference)
+
+
+def test_kill_9_keeps_a_complete_checkpoint_and_resumes(data_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    code, _ = _start_and_signal(data_dir, out, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert torch.load(out / "last.pth", weights_only=False)["epoch"] == 0  # intact, loadable
+    _resume_and_compare(data_dir, out, reference)
+
+
+def _batches(n):
+    return [{"image": torch.zeros(2, 1), "mask": torch.zeros(2, 1)} for _ in range(n)]
+
+
+def test_non_finite_loss_stops_naming_batch_and_term_or_is_skipped():
+    weight = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([weight], lr=0.1)
+
+    def compute_loss(batch):
+        compute_loss.calls += 1
+        kd = weight * (float("nan") if compute_loss.calls == 2 else 1.0)
+        ce = weight * 2
+        return ce + kd, {"ce": ce, "kd": kd}
+    compute_loss.calls = 0
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 3 batch 1 \(terms: kd\)"):
+        common.train_one_epoch(model, compute_loss, _batches(3), opt, torch.device("cpu"), False, 3, None,
+                               common.new_progress())
+    compute_loss.calls = 0
+    weight.data.fill_(1.0)
+    with pytest.warns(UserWarning, match="skipping batch 1"):
+        progress = common.train_one_epoch(model, compute_loss, _batches(3), opt, torch.device("cpu"), False, 3, None,
+                                          common.new_progress(), skip_nonfinite=True)
+    assert progress["step"] == 3 and progress["skipped"] == 1 and progress["n_images"] == 4
+    # batches 0 and 2 trained (2 images each): kd = w = 1.0, then 1.0 - 0.1 * d(3w)/dw = 0.7
+    assert progress["totals"]["kd"] == pytest.approx(2 * 1.0 + 2 * 0.7)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    common.save_checkpoint({"epoch": 1}, str(path))
+
+    def no_space(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(SystemExit, match="no space left on the device writing .*last.pth.*intact"):
+        common.save_checkpoint({"epoch": 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["last.pth"]
+
+
+def test_truncated_jpeg_is_named(toy_root, tmp_path):
+    import shutil
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    shutil.copytree(toy_root, root)
+    jpg = root / "JPEGImages" / "toy_val_0007.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:300])
+    with pytest.raises(SystemExit, match=r"toy_val_0007\.jpg"):
+        common.PixelCache(str(root), "val", str(tmp_path / "cache"))
