@@ -495,10 +495,12 @@ def collate(items):
 
 def build_datasets(args, splits=("train", "val")):
     """Datasets for the requested splits (dict split -> dataset) and the data root."""
-    root = resolve_data_root(args)
+    with main_process_first():
+        root = resolve_data_root(args)
     out = {}
     for split in splits:
-        cache = PixelCache(root, split, args.cache_dir, args.num_classes)
+        with main_process_first():
+            cache = PixelCache(root, split, args.cache_dir, args.num_classes)
         train = split == "train" and not getattr(args, "eval_only", False)
         limit = getattr(args, "limit_train" if train else "limit_val", None)
         out[split] = SegmentationDataset(cache, args.image_size, train, args.eval_size, args.seed, limit)
@@ -527,17 +529,15 @@ def compute_class_weights(dataset):
     """Class weights of the training split's masks (original resolution), cached in the pixel cache."""
     cache = dataset.cache
     path = os.path.join(cache.dir, "class_weights.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved.get("fingerprint") == cache.fingerprint:
-            return torch.tensor(saved["weights"], dtype=torch.float32)
-    num_classes = dataset_num_classes(dataset)
-    counts = class_pixel_counts(cache.masks(), num_classes)
-    weights = class_weights_from_counts(counts)
-    write_json(path, {"fingerprint": cache.fingerprint, "formula": "1/ln(1.02 + p_c)",
-                      "pixel_counts": counts.tolist(), "weights": weights.tolist()})
-    return torch.tensor(weights, dtype=torch.float32)
+    with main_process_first():
+        if not (os.path.isfile(path) and json.load(open(path)).get("fingerprint") == cache.fingerprint):
+            counts = class_pixel_counts(cache.masks(), dataset_num_classes(dataset))
+            write_json(path, {"fingerprint": cache.fingerprint, "formula": "1/ln(1.02 + p_c)",
+                              "pixel_counts": counts.tolist(), "weights": class_weights_from_counts(counts).tolist()})
+    with open(path) as f:
+        weights = torch.tensor(json.load(f)["weights"], dtype=torch.float32)
+    log("class weights (1/ln(1.02 + p_c)):", " ".join(f"{w:.2f}" for w in weights.tolist()))
+    return weights
 
 
 def dataset_num_classes(dataset):
@@ -712,6 +712,83 @@ def load_model(path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Distributed (torchrun) helpers
+# ---------------------------------------------------------------------------------------------
+
+def is_distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank():
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size():
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def log(*parts):
+    """print() on rank 0 only."""
+    if is_main():
+        print(*parts, flush=True)
+
+
+def init_distributed(args):
+    """Join the process group when started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set): NCCL on CUDA, gloo on CPU.
+    Returns the device of this process."""
+    want_cuda = args.device != "cpu" and (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available())
+    if "RANK" not in os.environ or is_distributed():
+        if is_distributed():
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if want_cuda else "cpu")
+        return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if want_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if want_cuda else "gloo")
+    return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if want_cuda else "cpu")
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (e.g. builds a cache), the other ranks after it (and find it built)."""
+    if not is_main():
+        torch.distributed.barrier()
+    yield
+    if is_distributed() and is_main():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over all processes (returns it unchanged in a single process)."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def average_gradients(optimizer):
+    """All-reduce and average the gradients of every parameter: DDP's synchronisation, without wrapping the model
+    (the scripts' losses call the model directly, and run the student with return_features)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= world_size()
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def broadcast_buffers(module):
+    """Rank 0's BatchNorm statistics on every rank, so all ranks evaluate (and save) the same model."""
+    if is_distributed():
+        for b in module.buffers():
+            torch.distributed.broadcast(b, 0)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command-line flags shared by the scripts
 # ---------------------------------------------------------------------------------------------
 
@@ -773,6 +850,8 @@ def add_training_args(parser, default_epochs=50):
     parser.add_argument("--save-every", type=positive_int, default=5,
                         help="also keep epoch_NNN.pth every N epochs (default: %(default)s)")
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16 where supported, else fp16)")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="synchronise BatchNorm statistics across torchrun processes (CUDA only)")
     parser.add_argument("--skip-nonfinite", action="store_true",
                         help="skip batches whose loss is NaN/inf (default: stop the run, naming the batch and term)")
     return parser
@@ -788,9 +867,9 @@ def setup_run(args, strategy):
         args.cache_dir = os.path.join(args.data_dir, "cache")
     if args.image_size is None:
         args.image_size = 128 if args.toy else 256
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device} but CUDA is not available here; use --device cpu")
+    device = init_distributed(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -804,6 +883,10 @@ def setup_run(args, strategy):
         if args.resume is not None:
             raise SystemExit("error: --resume without PATH needs --out-dir (the run folder holding last.pth)")
         args.out_dir = os.path.join("checkpoints", f"{strategy}_{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        if is_distributed():  # every rank must use rank 0's timestamp
+            holder = [args.out_dir]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            args.out_dir = holder[0]
     if args.resume == "":
         args.resume = os.path.join(args.out_dir, "last.pth")
         if not os.path.isfile(args.resume):
@@ -811,6 +894,8 @@ def setup_run(args, strategy):
     elif args.resume is None and os.path.isfile(os.path.join(args.out_dir, "last.pth")):
         raise SystemExit(f"error: --out-dir {args.out_dir} already holds a run (last.pth); pass --resume to "
                          f"continue it or choose another --out-dir")
+    if getattr(args, "sync_bn", False) and device.type != "cuda":
+        raise SystemExit("error: --sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop it on CPU")
     os.makedirs(args.out_dir, exist_ok=True)
     args.strategy = strategy
     return device
@@ -867,13 +952,15 @@ def autocast(device, enabled):
 def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, skip_batches=0):
     """Batches of dataset; shuffle uses generator's permutation (drop_last), of which the first skip_batches
     batches are left out (resuming inside an epoch gives exactly the batches the interrupted run had left)."""
-    sampler = None
-    drop_last = shuffle and len(dataset) > batch_size
-    if shuffle:
+    world, r = world_size(), rank()
+    drop_last = shuffle and len(dataset) > batch_size * world
+    if shuffle:  # one permutation for all ranks; rank r takes every world-th index (DistributedSampler's split)
         order = torch.randperm(len(dataset), generator=generator).tolist()
         if drop_last:
-            order = order[:len(order) // batch_size * batch_size]
-        sampler = order[skip_batches * batch_size:]
+            order = order[:len(order) // (batch_size * world) * batch_size * world]
+        sampler = order[r::world][skip_batches * batch_size:]
+    else:
+        sampler = list(range(r, len(dataset), world))
     # an explicit generator also keeps the loader from drawing its worker seed from the global RNG, which would
     # shift dropout's random stream between an uninterrupted and a resumed run
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -904,8 +991,9 @@ def evaluate(model, loader, device, num_classes, criterion=None, amp=False, on_p
                 on_prediction(int(batch["index"][j]), pred.to(torch.uint8).cpu().numpy())
     confmat.all_reduce()
     metrics = confmat.compute()
+    loss_sum, n = all_reduce_sum([loss_sum, n], device)
     metrics["loss"] = loss_sum / max(n, 1)
-    metrics["num_images"] = n
+    metrics["num_images"] = int(n)
     metrics["confusion"] = confmat.mat
     return metrics
 
@@ -954,7 +1042,7 @@ def train_one_epoch(model, compute_loss, loader, optimizer, device, amp, epoch, 
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(total=progress["step"] + len(loader), initial=progress["step"], desc=f"epoch {epoch}", leave=False,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not is_main())
     t_wait = time.perf_counter()
     for batch in loader:
         progress["wait"] += time.perf_counter() - t_wait
@@ -963,8 +1051,8 @@ def train_one_epoch(model, compute_loss, loader, optimizer, device, amp, epoch, 
             loss, parts = compute_loss(batch)
         step = progress["step"]
         progress["step"] += 1
-        if not torch.isfinite(loss):
-            bad = ", ".join(k for k, v in parts.items() if not torch.isfinite(v)) or "total"
+        if all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0], device)[0] > 0:  # all ranks agree to stop/skip
+            bad = ", ".join(k for k, v in parts.items() if not torch.isfinite(v)) or "total (on another rank)"
             if not skip_nonfinite:
                 raise SystemExit(f"error: non-finite loss at epoch {epoch} batch {step} (terms: {bad}); the last good "
                                  f"checkpoint is kept. Lower --lr, check the data, or pass --skip-nonfinite")
@@ -972,12 +1060,13 @@ def train_one_epoch(model, compute_loss, loader, optimizer, device, amp, epoch, 
             progress["skipped"] += 1
             continue
         optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if is_distributed():
+            average_gradients(optimizer)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         bs = batch["image"].shape[0]
         progress["n_images"] += bs
@@ -986,8 +1075,8 @@ def train_one_epoch(model, compute_loss, loader, optimizer, device, amp, epoch, 
         seconds = progress["seconds"] + time.perf_counter() - t0
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{progress['n_images'] / seconds:.1f}")
         bar.update()
-        if stop is not None and stop.signal:
-            break
+        if stop is not None and all_reduce_sum([1.0 if stop.signal else 0.0], device)[0] > 0:
+            break  # every rank stops after the same batch
         t_wait = time.perf_counter()
     bar.close()
     progress["seconds"] += time.perf_counter() - t0
@@ -1032,15 +1121,20 @@ def fit(args, model, compute_loss, datasets, criterion, device, extra_modules=No
         random.setstate(ckpt["rng"]["python"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        print(f"resumed {args.resume} at epoch {start_epoch}" + (f" batch {partial['step']}" if partial else "")
-              + f" (best mIoU {100 * best_miou:.2f})")
+        if partial is not None and not is_main():  # the saved totals are already summed over ranks
+            partial = dict(partial, totals={}, n_images=0, wait=0.0)
+        log(f"resumed {args.resume} at epoch {start_epoch}" + (f" batch {partial['step']}" if partial else "")
+            + f" (best mIoU {100 * best_miou:.2f})")
+    if getattr(args, "sync_bn", False):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     extra.to(device)
-    write_json(os.path.join(args.out_dir, "config.json"), vars(args))
+    if is_main():
+        write_json(os.path.join(args.out_dir, "config.json"), vars(args))
     train_set, val_set = datasets["train"], datasets["val"]
     val_loader = make_loader(val_set, args.batch_size, args.workers)
-    print(f"{arch}: {count_params(model):,} parameters | train {len(train_set)} val {len(val_set)} images | "
-          f"device {device} | out {args.out_dir}")
+    log(f"{arch}: {count_params(model):,} parameters | train {len(train_set)} val {len(val_set)} images | "
+        f"device {device} x {world_size()} process(es) | out {args.out_dir}")
 
     def checkpoint(epoch, **more):
         return {"model": model.state_dict(), "extra": extra.state_dict(), "optimizer": optimizer.state_dict(),
@@ -1060,8 +1154,14 @@ def fit(args, model, compute_loss, datasets, criterion, device, extra_modules=No
             steps, seconds_before = progress["step"] + len(loader), progress["seconds"]
             progress = train_one_epoch(model, compute_loss, loader, optimizer, device, args.amp, epoch, scaler,
                                        progress, stop, args.skip_nonfinite)
+            if is_distributed():  # sum the epoch's loss totals and image counts over ranks
+                keys = sorted(progress["totals"])
+                summed = all_reduce_sum([progress["totals"][k] for k in keys] + [progress["n_images"]], device)
+                progress = dict(progress, totals=dict(zip(keys, summed[:-1])), n_images=int(summed[-1]))
+                broadcast_buffers(model)
             if progress["step"] < steps:  # interrupted inside the epoch: save exactly where we are
-                save_checkpoint(checkpoint(epoch - 1, partial=progress), last)
+                if is_main():
+                    save_checkpoint(checkpoint(epoch - 1, partial=progress), last)
                 raise SystemExit(f"interrupted by {stop.signal}: saved {last} at epoch {epoch} batch {progress['step']}/"
                                  f"{steps}; continue with the same command plus --resume")
             metrics = evaluate(model, val_loader, device, args.num_classes, criterion, args.amp)
@@ -1073,19 +1173,22 @@ def fit(args, model, compute_loss, datasets, criterion, device, extra_modules=No
             history.append(rec)
             is_best = metrics["miou"] > best_miou
             best_miou = max(best_miou, metrics["miou"])
-            save_checkpoint(checkpoint(epoch), last)
-            if (epoch + 1) % args.save_every == 0:
-                atomic_copy(last, os.path.join(args.out_dir, f"epoch_{epoch + 1:03d}.pth"))
-            if is_best:
-                atomic_copy(last, os.path.join(args.out_dir, "best.pth"))
-            write_json(os.path.join(args.out_dir, "history.json"), history)
-            with open(os.path.join(args.out_dir, "history.json")) as f:
-                plot_history(json.load(f), args.out_dir)
-            print(format_epoch(rec))
+            if is_main():  # only rank 0 writes; the others hold the same weights
+                save_checkpoint(checkpoint(epoch), last)
+                if (epoch + 1) % args.save_every == 0:
+                    atomic_copy(last, os.path.join(args.out_dir, f"epoch_{epoch + 1:03d}.pth"))
+                if is_best:
+                    atomic_copy(last, os.path.join(args.out_dir, "best.pth"))
+                write_json(os.path.join(args.out_dir, "history.json"), history)
+                with open(os.path.join(args.out_dir, "history.json")) as f:
+                    plot_history(json.load(f), args.out_dir)
+                print(format_epoch(rec), flush=True)
             if stop.signal:
                 raise SystemExit(f"interrupted by {stop.signal}: saved {last} after epoch {epoch}; "
                                  f"continue with the same command plus --resume")
-    print(f"done: best val mIoU {100 * best_miou:.2f} -> {os.path.join(args.out_dir, 'best.pth')}")
+    log(f"done: best val mIoU {100 * best_miou:.2f} -> {os.path.join(args.out_dir, 'best.pth')}")
+    if is_distributed():
+        torch.distributed.barrier()  # nobody leaves before rank 0 has written the last files
     return history
 
 
@@ -1104,7 +1207,7 @@ def build_frozen_teacher(args, device):
     """The teacher in eval mode, no grad, frozen BatchNorm, channels_last, on device."""
     teacher = build_teacher(args.num_classes, pretrained=True, weights_path=args.teacher_weights)
     teacher.eval().requires_grad_(False)
-    print(f"teacher: FCN-ResNet50, {count_params(teacher):,} parameters, "
+    log(f"teacher: FCN-ResNet50, {count_params(teacher):,} parameters, "
           f"{args.teacher_weights or 'torchvision COCO_WITH_VOC_LABELS_V1'}")
     return teacher.to(device, memory_format=torch.channels_last)
 
@@ -1137,13 +1240,14 @@ class TeacherLogitCache:
         key = hashlib.sha1(f"{state_fingerprint(teacher)}|{dataset.image_size}|{dataset.cache.fingerprint}|"
                            f"{len(dataset)}".encode()).hexdigest()
         meta_path = self.path[:-4] + ".json"
-        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) and os.path.isfile(self.path) else {}
         self.build_s = 0.0
-        if meta.get("key") != key:
-            t0 = time.perf_counter()
-            self._build(teacher, dataset, device, batch_size, workers)
-            self.build_s = time.perf_counter() - t0
-            write_json(meta_path, {"key": key, "build_s": self.build_s})
+        with main_process_first():
+            meta = json.load(open(meta_path)) if os.path.isfile(meta_path) and os.path.isfile(self.path) else {}
+            if meta.get("key") != key:
+                t0 = time.perf_counter()
+                self._build(teacher, dataset, device, batch_size, workers)
+                self.build_s = time.perf_counter() - t0
+                write_json(meta_path, {"key": key, "build_s": self.build_s})
         self.size_mb = os.path.getsize(self.path) / 2 ** 20
         self._logits = None
 

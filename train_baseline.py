@@ -24,7 +24,6 @@ def main(args):
     device = common.setup_run(args, strategy=f"baseline-{args.model}")
     datasets, _ = common.build_datasets(args)
     class_weights = common.compute_class_weights(datasets["train"])
-    print("class weights (1/ln(1.02+p)):", " ".join(f"{w:.2f}" for w in class_weights.tolist()))
     model = common.build_model(args.model, args.num_classes, pretrained=not args.no_pretrained)
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
 

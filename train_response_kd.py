@@ -48,8 +48,8 @@ def main(args):
     teacher = common.build_frozen_teacher(args, device)
     if not args.no_teacher_cache:
         cache = common.TeacherLogitCache(teacher, datasets["train"], device, args.batch_size, args.workers)
-        print(f"teacher-logit cache {cache.path}: {cache.size_mb:.1f} MB"
-              + (f", built in {cache.build_s:.1f}s" if cache.build_s else " (reused)"))
+        common.log(f"teacher-logit cache {cache.path}: {cache.size_mb:.1f} MB"
+                   + (f", built in {cache.build_s:.1f}s" if cache.build_s else " (reused)"))
         datasets["train"].extra = cache
         teacher = None  # everything the loss needs from it is in the cache now
     student = common.build_student(args.num_classes, pretrained=not args.no_pretrained)

@@ -1,0 +1,41 @@
+"""torchrun: 2 CPU processes (gloo) train baseline and response KD for 1 epoch; rank 0 alone writes and logs, and
+the all-reduced val mIoU equals a 1-process evaluation of the saved weights."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import evaluate
+from conftest import REPO, small_run_args
+
+
+@pytest.mark.parametrize("script", ["train_baseline.py", "train_response_kd.py"])
+def test_torchrun_two_processes(script, data_dir, tmp_path):
+    out = tmp_path / "run"
+    extra = []
+    if "kd" in script:
+        teacher = tmp_path / "teacher.pth"
+        torch.manual_seed(0)
+        torch.save({"model": common.Teacher(21).state_dict(), "arch": "teacher", "num_classes": 21}, teacher)
+        extra = ["--teacher-weights", str(teacher)]
+    argv = small_run_args(data_dir, out, "--epochs", "1", "--lr", "1e-3", *extra)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           script, *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("epoch   0 | train loss") == 1 and proc.stdout.count("done: best val mIoU") == 1
+    assert "x 2 process(es)" in proc.stdout
+    assert sorted(os.listdir(out)) == sorted(["best.pth", "config.json", "history.json", "last.pth", "loss.png",
+                                              "miou.png"])
+    history = json.loads((out / "history.json").read_text())
+    assert history[0]["train_img_s"] > 0 and len(history) == 1
+    report = tmp_path / "eval.json"
+    evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--weights", str(out / "best.pth"), "--toy", "--data-dir", data_dir, "--limit-val", "12", "--workers", "0",
+         "--json", str(report)]))
+    single = json.loads(report.read_text())
+    assert single["num_images"] == 12
+    assert history[0]["val_miou"] == single["miou"] and history[0]["val_pixel_acc"] == single["pixel_acc"]
