@@ -67,7 +67,7 @@ def save_mask_png(mask, path):
     """Write a class-index mask (H, W) uint8 as a VOC palette PNG."""
     img = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
     img.putpalette(voc_palette())
-    img.save(path)
+    img.save(path, format="PNG")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +135,70 @@ def resolve_data_root(args):
             raise SystemExit(f"error: {args.data_dir}: the VOC tar extracted but VOCdevkit/VOC2012 is incomplete; "
                              f"delete it and run again")
     return root
+
+
+# SBD (Hariharan et al. 2011): 11,355 VOC2011 images with masks as .mat files; with VOC 2012 train and minus VOC 2012
+# val it gives the 10,582-image "trainaug" set published VOC results train on.
+SBD_URL = "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz"
+SBD_MD5 = "82b4d87ceb2ed10f6038a1cba92111cb"
+
+
+def sbd_root(data_dir, download=True):
+    """The SBD 'dataset' folder under data_dir (benchmark_RELEASE/dataset), downloaded with torchvision's code."""
+    root = os.path.join(data_dir, "benchmark_RELEASE", "dataset")
+    if os.path.isdir(os.path.join(root, "cls")):
+        return root
+    if not download:
+        raise SystemExit(f"error: --train-set trainaug needs SBD at {root}; drop --no-download to fetch it")
+    from torchvision.datasets.utils import download_and_extract_archive
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        download_and_extract_archive(SBD_URL, data_dir, filename="benchmark.tgz", md5=SBD_MD5)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise SystemExit(f"error: could not download SBD ({e}); download benchmark.tgz (md5 {SBD_MD5}) from {SBD_URL} "
+                         f"and extract it in {os.path.abspath(data_dir)}/ (giving benchmark_RELEASE/dataset/)")
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    return root
+
+
+def trainaug_pairs(voc_root, data_dir, download=True):
+    """(id, image, mask) of VOC train + SBD train + SBD val - VOC val. VOC's own masks win where both exist; SBD's
+    .mat masks are converted once to palette PNGs under DATA_DIR/SBD_png."""
+    root = sbd_root(data_dir, download)
+    voc_val = set(read_split_ids(voc_root, "val"))
+    sbd_ids = set()
+    for split in ("train", "val"):
+        with open(os.path.join(root, split + ".txt")) as f:
+            sbd_ids.update(line.strip() for line in f if line.strip())
+    ids = sorted((set(read_split_ids(voc_root, "train")) | sbd_ids) - voc_val)
+    png_dir = os.path.join(data_dir, "SBD_png")
+    os.makedirs(png_dir, exist_ok=True)
+    pairs = []
+    for image_id in ids:
+        img_path, mask_path = _pair_paths(voc_root, image_id)
+        if not os.path.isfile(img_path):
+            img_path = os.path.join(root, "img", image_id + ".jpg")
+        if not os.path.isfile(mask_path):
+            mask_path = os.path.join(png_dir, image_id + ".png")
+            if not os.path.isfile(mask_path):
+                mat = os.path.join(root, "cls", image_id + ".mat")
+                atomic_write(mask_path, lambda tmp, mat=mat: save_mask_png(read_sbd_mask(mat), tmp))
+        pairs.append((image_id, img_path, mask_path))
+    return pairs
+
+
+def read_sbd_mask(path):
+    """Class-index mask of an SBD cls/*.mat file (GTcls.Segmentation), as torchvision's SBDataset reads it."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise SystemExit("error: reading SBD's .mat masks needs scipy: pip install scipy")
+    try:
+        return np.asarray(loadmat(path)["GTcls"][0]["Segmentation"][0], dtype=np.uint8)
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise SystemExit(f"error: cannot read SBD mask {path} ({e}); re-extract benchmark.tgz")
 
 
 TOY_VERSION = 1
@@ -277,11 +341,16 @@ def _pair_paths(root, image_id):
             os.path.join(root, "SegmentationClass", image_id + ".png"))
 
 
-def _fingerprint(root, ids):
+def split_pairs(root, split):
+    """(id, image path, mask path) of every image listed in ImageSets/Segmentation/<split>.txt."""
+    return [(image_id, *_pair_paths(root, image_id)) for image_id in read_split_ids(root, split)]
+
+
+def _fingerprint(pairs):
     """Hash of the split's file names, sizes and mtimes: any change to the source rebuilds caches."""
     h = hashlib.sha1()
-    for image_id in ids:
-        for path in _pair_paths(root, image_id):
+    for image_id, *paths in pairs:
+        for path in paths:
             try:
                 st = os.stat(path)
             except FileNotFoundError:
@@ -319,9 +388,10 @@ class PixelCache:
     """Decoded images and masks of one split at original resolution, as two flat uint8 memmaps
     plus an index. Built once; rebuilt when the source fingerprint changes."""
 
-    def __init__(self, root, split, cache_dir, num_classes=len(VOC_CLASSES)):
-        self.ids = read_split_ids(root, split)
-        fingerprint = _fingerprint(root, self.ids)
+    def __init__(self, root, split, cache_dir, num_classes=len(VOC_CLASSES), pairs=None):
+        self.pairs = pairs if pairs is not None else split_pairs(root, split)
+        self.ids = [image_id for image_id, _, _ in self.pairs]
+        fingerprint = _fingerprint(self.pairs)
         tag = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:10]
         self.dir = os.path.join(cache_dir, f"pixels-{tag}-{split}")
         index_path = os.path.join(self.dir, "index.json")
@@ -342,8 +412,7 @@ class PixelCache:
     def _build(self, root, fingerprint, num_classes):
         os.makedirs(self.dir, exist_ok=True)
         shapes = []
-        for image_id in self.ids:  # first pass: sizes only (headers), to size the memmaps
-            img_path, mask_path = _pair_paths(root, image_id)
+        for _, img_path, _ in self.pairs:  # first pass: sizes only (headers), to size the memmaps
             try:
                 with Image.open(img_path) as im:
                     shapes.append((im.height, im.width))
@@ -354,8 +423,8 @@ class PixelCache:
         img_offsets = mask_offsets * 3
         images = np.lib.format.open_memmap(os.path.join(self.dir, "images.tmp.npy"), "w+", np.uint8, (int(img_offsets[-1]),))
         masks = np.lib.format.open_memmap(os.path.join(self.dir, "masks.tmp.npy"), "w+", np.uint8, (int(mask_offsets[-1]),))
-        for i, image_id in enumerate(tqdm(self.ids, desc=f"caching {os.path.basename(self.dir)}", leave=False)):
-            img_path, mask_path = _pair_paths(root, image_id)
+        for i, (_, img_path, mask_path) in enumerate(tqdm(self.pairs, desc=f"caching {os.path.basename(self.dir)}",
+                                                          leave=False)):
             img, mask = read_image(img_path), read_mask(mask_path, num_classes)
             if img.shape[:2] != mask.shape or img.shape[:2] != shapes[i]:
                 raise SystemExit(f"error: mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {img_path} "
@@ -500,7 +569,11 @@ def build_datasets(args, splits=("train", "val")):
     out = {}
     for split in splits:
         with main_process_first():
-            cache = PixelCache(root, split, args.cache_dir, args.num_classes)
+            if split == "train" and getattr(args, "train_set", "train") == "trainaug":
+                pairs = trainaug_pairs(root, args.data_dir, download=not args.no_download)
+                cache = PixelCache(root, "trainaug", args.cache_dir, args.num_classes, pairs=pairs)
+            else:
+                cache = PixelCache(root, split, args.cache_dir, args.num_classes)
         train = split == "train" and not getattr(args, "eval_only", False)
         limit = getattr(args, "limit_train" if train else "limit_val", None)
         out[split] = SegmentationDataset(cache, args.image_size, train, args.eval_size, args.seed, limit)
@@ -841,6 +914,8 @@ def add_training_args(parser, default_epochs=50):
     parser.add_argument("--lr-patience", type=int, default=5,
                         help="ReduceLROnPlateau patience in epochs (default: %(default)s)")
     parser.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N train images")
+    parser.add_argument("--train-set", choices=("train", "trainaug"), default="train",
+                        help="VOC 2012 train (1,464 images) or trainaug: + SBD, minus VOC val (10,582) (default: %(default)s)")
     parser.add_argument("--no-pretrained", action="store_true",
                         help="start from random weights instead of torchvision's pretrained ones")
     parser.add_argument("--out-dir", default=None,

@@ -147,3 +147,20 @@ def test_gradient_accumulation_equals_the_large_batch():
     big = run([{"image": x[:4], "mask": y[:4]}, {"image": x[4:], "mask": y[4:]}], accumulate=1)
     small = run([{"image": x[i:i + 2], "mask": y[i:i + 2]} for i in range(0, 8, 2)], accumulate=2)
     torch.testing.assert_close(small, big, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_dataset_folder_and_flags_are_one_line_errors(tmp_path, toy_root):
+    proc = subprocess.run([sys.executable, "train_baseline.py", "--data-dir", str(tmp_path / "nowhere"),
+                           "--no-download", "--out-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: no VOC dataset under --data-dir")
+    assert not (tmp_path / "run" / "last.pth").exists()
+    partial = tmp_path / "partial" / "VOCdevkit" / "VOC2012"  # a half-extracted dataset: no masks folder
+    os.makedirs(partial / "JPEGImages")
+    os.makedirs(partial / "ImageSets" / "Segmentation")
+    proc = subprocess.run([sys.executable, "train_baseline.py", "--data-dir", str(tmp_path / "partial"),
+                           "--no-download", "--out-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1 and "error: no VOC dataset under --data-dir" in proc.stderr
+    for bad in (["--temperature", "0"], ["--temperature", "-2"], ["--accumulate", "0"]):
+        proc = subprocess.run([sys.executable, "train_response_kd.py", "--toy", *bad], cwd=REPO, capture_output=True,
+                              text=True)
+        assert proc.returncode == 2 and bad[0] in proc.stderr
