@@ -39,3 +39,17 @@ def test_torchrun_two_processes(script, data_dir, tmp_path):
     single = json.loads(report.read_text())
     assert single["num_images"] == 12
     assert history[0]["val_miou"] == single["miou"] and history[0]["val_pixel_acc"] == single["pixel_acc"]
+
+
+def test_torchrun_resume(data_dir, tmp_path):
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_baseline.py",
+            *small_run_args(data_dir, out, "--lr", "1e-3")]
+    first = subprocess.run(base + ["--epochs", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(base + ["--epochs", "2", "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("resumed") == 1 and "epoch   1 | train loss" in again.stdout
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert torch.load(out / "last.pth", weights_only=False)["epoch"] == 1
