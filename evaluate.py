@@ -8,6 +8,8 @@ import json
 import math
 import os
 
+import torch
+
 import common
 
 
@@ -21,11 +23,55 @@ def get_args_parser():
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON to PATH")
     parser.add_argument("--save-predictions", default=None, metavar="DIR",
                         help="write each prediction as a VOC-palette PNG named by image id")
+    parser.add_argument("--analysis", default=None, metavar="DIR", help="write per_class_iou.png (sorted bar chart, "
+                        "mean marked) and confusion.png (row-normalised confusion matrix) to DIR")
     return parser
 
 
 def class_names(num_classes):
     return list(common.VOC_CLASSES) if num_classes == len(common.VOC_CLASSES) else [f"class_{i}" for i in range(num_classes)]
+
+
+def most_confused_pairs(confusion, names, k=5):
+    """The k largest off-diagonal entries of the row-normalised confusion matrix:
+    (true class, predicted class, fraction of the true class's pixels, pixels)."""
+    m = confusion.double()
+    rows = m.sum(1, keepdim=True).clamp(min=1)
+    frac = m / rows
+    frac.fill_diagonal_(0)
+    order = torch.argsort(frac.flatten(), descending=True)[:k]
+    c = m.shape[0]
+    return [(names[i // c], names[i % c], float(frac.flatten()[i]), int(m.flatten()[i]))
+            for i in order.tolist() if frac.flatten()[i] > 0]
+
+
+def plot_analysis(metrics, names, out_dir):
+    """per_class_iou.png and confusion.png for one evaluation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    pairs = sorted(((iou, n) for n, iou in zip(names, metrics["iou_per_class"]) if not math.isnan(iou)), reverse=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.bar([n for _, n in pairs], [100 * v for v, _ in pairs], color="tab:blue")
+    ax.axhline(100 * metrics["miou"], color="tab:red", linestyle="--", label=f"mIoU {100 * metrics['miou']:.1f}")
+    ax.set(ylabel="IoU (%)", title="Per-class IoU", ylim=(0, 100))
+    ax.tick_params(axis="x", rotation=60)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "per_class_iou.png"), dpi=100)
+    plt.close(fig)
+    m = metrics["confusion"].double()
+    norm = (m / m.sum(1, keepdim=True).clamp(min=1)).numpy()
+    fig, ax = plt.subplots(figsize=(8, 7))
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="ground truth", title="Confusion matrix (rows normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "confusion.png"), dpi=100)
+    plt.close(fig)
 
 
 def main(args):
@@ -56,6 +102,11 @@ def main(args):
     print(f"{'class':>14s}  IoU")
     for name, iou in zip(names, metrics["iou_per_class"]):
         print(f"{name:>14s}  {'  n/a' if math.isnan(iou) else f'{100 * iou:5.1f}'}")
+    print("most confused (ground truth -> predicted: share of its pixels):")
+    for true, pred, frac, pixels in most_confused_pairs(metrics["confusion"], names):
+        print(f"  {true:>14s} -> {pred:<14s} {100 * frac:5.1f}%  ({pixels} px)")
+    if args.analysis:
+        plot_analysis(metrics, names, args.analysis)
     print(f"mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['pixel_acc']:.2f}  "
           f"mean class acc {100 * metrics['mean_class_acc']:.2f}")
     if args.json:

@@ -80,7 +80,7 @@ def test_evaluate_json_agrees_with_saved_predictions(data_dir, toy_root, trained
     preds = tmp_path / "preds"
     args = evaluate.get_args_parser().parse_args(
         ["--weights", str(trained_run / "best.pth"), "--toy", "--data-dir", data_dir, "--workers", "0",
-         "--json", str(tmp_path / "m.json"), "--save-predictions", str(preds)])
+         "--json", str(tmp_path / "m.json"), "--save-predictions", str(preds), "--analysis", str(tmp_path / "plots")])
     evaluate.main(args)
     report = json.loads((tmp_path / "m.json").read_text())
     assert set(report) >= {"miou", "pixel_acc", "mean_class_acc", "iou_per_class", "num_images"}
@@ -97,6 +97,16 @@ def test_evaluate_json_agrees_with_saved_predictions(data_dir, toy_root, trained
     assert report["pixel_acc"] == pytest.approx(again["pixel_acc"], abs=1e-12)
     for name, value in zip(common.VOC_CLASSES, again["iou_per_class"]):
         assert (report["iou_per_class"][name] is None) == np.isnan(value)
+    for name in ("per_class_iou.png", "confusion.png"):
+        assert Image.open(tmp_path / "plots" / name).size[0] >= 700
+
+
+def test_most_confused_pairs_against_hand_computation():
+    confusion = torch.tensor([[50, 30, 20], [0, 10, 0], [1, 0, 0]])
+    pairs = evaluate.most_confused_pairs(confusion, ["a", "b", "c"], k=3)
+    # row-normalised off-diagonals: a->b 0.3, a->c 0.2, c->a 1.0 (c has 1 pixel, all predicted a)
+    assert [(t, p) for t, p, _, _ in pairs] == [("c", "a"), ("a", "b"), ("a", "c")]
+    assert [round(f, 6) for _, _, f, _ in pairs] == [1.0, 0.3, 0.2] and pairs[1][3] == 30
 
 
 @pytest.mark.skipif(not os.path.isdir(VOC_SAMPLE), reason="../shared/voc_sample not present")
