@@ -80,7 +80,8 @@ def test_evaluate_json_agrees_with_saved_predictions(data_dir, toy_root, trained
     preds = tmp_path / "preds"
     args = evaluate.get_args_parser().parse_args(
         ["--weights", str(trained_run / "best.pth"), "--toy", "--data-dir", data_dir, "--workers", "0",
-         "--json", str(tmp_path / "m.json"), "--save-predictions", str(preds), "--analysis", str(tmp_path / "plots")])
+         "--json", str(tmp_path / "m.json"), "--save-predictions", str(preds), "--analysis", str(tmp_path / "plots"),
+         "--save-vis", str(tmp_path / "vis"), "--num-vis", "4"])
     evaluate.main(args)
     report = json.loads((tmp_path / "m.json").read_text())
     assert set(report) >= {"miou", "pixel_acc", "mean_class_acc", "iou_per_class", "num_images"}
@@ -99,6 +100,20 @@ def test_evaluate_json_agrees_with_saved_predictions(data_dir, toy_root, trained
         assert (report["iou_per_class"][name] is None) == np.isnan(value)
     for name in ("per_class_iou.png", "confusion.png"):
         assert Image.open(tmp_path / "plots" / name).size[0] >= 700
+    # the panels are the 2 worst and 2 best images by per-image mIoU, recomputed here with plain numpy
+    per_image = {}
+    for image_id in ids:
+        pred = np.asarray(Image.open(preds / f"{image_id}.png")).astype(int)
+        gt = np.asarray(Image.open(os.path.join(toy_root, "SegmentationClass", image_id + ".png"))).astype(int)
+        valid = gt != 255
+        ious = [np.sum((gt == c) & (pred == c) & valid) / np.sum(((gt == c) | (pred == c)) & valid)
+                for c in range(21) if np.sum(((gt == c) | (pred == c)) & valid)]
+        per_image[image_id] = float(np.mean(ious))
+    ranked = sorted(ids, key=lambda i: (per_image[i], ids.index(i)))
+    expected = ranked[:2] + ranked[::-1][:2]
+    shown = sorted(os.listdir(tmp_path / "vis"))
+    assert [name[3:-4] for name in shown] == expected
+    assert Image.open(tmp_path / "vis" / shown[0]).size[0] >= 900
 
 
 def test_most_confused_pairs_against_hand_computation():
