@@ -66,6 +66,26 @@ def test_sigterm_inside_an_epoch_saves_and_resumes_exactly(data_dir, tmp_path, r
     _resume_and_compare(data_dir, out, reference)
 
 
+def test_second_signal_exits_at_once(data_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "train_baseline.py", *_args(data_dir, tmp_path / "run")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while "epoch 0:" not in "".join(stderr):
+        assert proc.poll() is None and time.time() < deadline, "".join(stderr)[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    while "saving a resumable checkpoint" not in "".join(stderr):
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    reader.join(timeout=10)
+    assert "SIGTERM again: exiting now" in "".join(stderr)
+
+
 def test_kill_9_keeps_a_complete_checkpoint_and_resumes(data_dir, tmp_path, reference):
     out = tmp_path / "run"
     code, _ = _start_and_signal(data_dir, out, signal.SIGKILL)
