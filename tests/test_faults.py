@@ -67,8 +67,9 @@ def test_sigterm_inside_an_epoch_saves_and_resumes_exactly(data_dir, tmp_path, r
 
 
 def test_second_signal_exits_at_once(data_dir, tmp_path):
-    proc = subprocess.Popen([sys.executable, "train_baseline.py", *_args(data_dir, tmp_path / "run")], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # 192 px batches take long enough that the second signal lands before the first one's checkpoint is written
+    proc = subprocess.Popen([sys.executable, "train_baseline.py", *_args(data_dir, tmp_path / "run", "--image-size", "192")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr = []
     reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
     reader.start()
