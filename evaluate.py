@@ -4,12 +4,15 @@
     python evaluate.py --weights best.pth --data-dir ./data --json metrics.json --save-predictions preds/
 """
 import argparse
+import html
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
+from PIL import Image
 
 import common
 
@@ -28,6 +31,10 @@ def get_args_parser():
                         "prediction | errors) of the worst and best images by per-image mIoU to DIR")
     parser.add_argument("--num-vis", type=common.positive_int, default=8,
                         help="panels for --save-vis: half worst, half best (default: %(default)s)")
+    parser.add_argument("--html", default=None, metavar="DIR", help="write DIR/index.html: every image, ground truth "
+                        "and prediction with its mIoU, sortable; opens from disk, no server or network")
+    parser.add_argument("--browse", action="store_true", help="interactive viewer (arrows: next/previous, w: jump to "
+                        "the worst image, o: toggle overlay); needs a display, else use --html")
     parser.add_argument("--analysis", default=None, metavar="DIR", help="write per_class_iou.png (sorted bar chart, "
                         "mean marked) and confusion.png (row-normalised confusion matrix) to DIR")
     return parser
@@ -53,7 +60,7 @@ def most_confused_pairs(confusion, names, k=5):
 def image_miou(mask, pred, num_classes):
     """mIoU of one image over the classes present in its ground truth or prediction (255 ignored)."""
     cm = common.ConfusionMatrix(num_classes)
-    cm.update(torch.as_tensor(mask, dtype=torch.int64), torch.as_tensor(pred, dtype=torch.int64))
+    cm.update(torch.from_numpy(np.array(mask, dtype=np.int64)), torch.from_numpy(np.array(pred, dtype=np.int64)))
     return cm.compute()["miou"]
 
 
@@ -120,6 +127,91 @@ def save_visualisations(model, dataset, scores, names, device, out_dir, n):
     return written
 
 
+HTML_TEMPLATE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;margin:1em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
+padding:4px;text-align:center}} th{{cursor:pointer;background:#eee}} img{{height:{h}px}}</style></head>
+<body data-ready="0"><h2>{title}</h2><p>{summary} Click a column header to sort.</p>
+<table id="t"><thead><tr><th data-k="s">image id</th><th data-k="n">image mIoU (%)</th><th>image</th>
+<th>ground truth</th><th>prediction</th></tr></thead><tbody>
+{rows}
+</tbody></table>
+<script>
+const tbody = document.querySelector("#t tbody");
+document.querySelectorAll("th[data-k]").forEach((th, col) => th.addEventListener("click", () => {{
+  const rows = [...tbody.rows], up = th.dataset.dir !== "up";
+  rows.sort((a, b) => {{
+    const x = a.cells[col].textContent, y = b.cells[col].textContent;
+    const d = th.dataset.k === "n" ? parseFloat(x) - parseFloat(y) : x.localeCompare(y);
+    return up ? d : -d; }});
+  th.dataset.dir = up ? "up" : "down";
+  rows.forEach(r => tbody.appendChild(r)); }}));
+document.body.dataset.ready = "1";
+</script></body></html>
+"""
+
+
+def write_html_assets(out_dir, image_id, image, mask, pred):
+    """Image, coloured ground truth and prediction of one image for the --html page."""
+    os.makedirs(os.path.join(out_dir, "img"), exist_ok=True)
+    if image.shape[:2] != mask.shape:
+        image = np.asarray(Image.fromarray(image).resize(mask.shape[::-1], Image.BILINEAR))
+    Image.fromarray(np.ascontiguousarray(image)).save(os.path.join(out_dir, "img", image_id + ".jpg"), quality=90)
+    Image.fromarray(colorize(mask)).save(os.path.join(out_dir, "img", image_id + "_gt.png"))
+    Image.fromarray(colorize(pred)).save(os.path.join(out_dir, "img", image_id + "_pred.png"))
+
+
+def write_html(out_dir, rows, title, summary, height=120):
+    """DIR/index.html: one table row per (image id, image mIoU), images referenced relatively."""
+    body = "\n".join(
+        f'<tr><td>{html.escape(i)}</td><td>{100 * m:.2f}</td><td><img src="img/{i}.jpg"></td>'
+        f'<td><img src="img/{i}_gt.png"></td><td><img src="img/{i}_pred.png"></td></tr>' for i, m in rows)
+    with open(os.path.join(out_dir, "index.html"), "w") as f:
+        f.write(HTML_TEMPLATE.format(title=html.escape(title), summary=html.escape(summary), rows=body, h=height))
+
+
+def check_display():
+    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        raise SystemExit("error: --browse needs a display and this machine has none ($DISPLAY is unset); "
+                         "use --html DIR and open DIR/index.html in a browser instead")
+
+
+def browse(dataset, predictions, scores, names):
+    """Matplotlib viewer: left/right = previous/next, w = worst image, o = prediction overlay on/off."""
+    import matplotlib.pyplot as plt
+    state = {"k": 0, "overlay": False}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.5))
+
+    def draw():
+        k = state["k"]
+        image, _ = dataset.cache.get(dataset.indices[k])
+        mask, pred = dataset[k]["mask"].numpy(), predictions[k]
+        if image.shape[:2] != mask.shape:
+            image = np.asarray(Image.fromarray(np.asarray(image)).resize(mask.shape[::-1]))
+        shown = (0.5 * image + 0.5 * colorize(pred)).astype(np.uint8) if state["overlay"] else image
+        for ax, img, label in zip(axes, (shown, colorize(mask), colorize(pred)), ("image", "ground truth", "prediction")):
+            ax.clear()
+            ax.imshow(img)
+            ax.set_title(label)
+            ax.axis("off")
+        fig.suptitle(f"{k + 1}/{len(dataset)} {dataset.cache.ids[dataset.indices[k]]}: image mIoU {100 * scores[k]:.1f}"
+                     "   [left/right, w: worst, o: overlay]")
+        fig.canvas.draw_idle()
+
+    def on_key(event):
+        if event.key in ("right", "left"):
+            state["k"] = (state["k"] + (1 if event.key == "right" else -1)) % len(dataset)
+        elif event.key == "w":
+            state["k"] = int(np.argmin(scores))
+        elif event.key == "o":
+            state["overlay"] = not state["overlay"]
+        draw()
+
+    fig.canvas.mpl_connect("key_press_event", on_key)
+    draw()
+    plt.show()
+
+
 def plot_analysis(metrics, names, out_dir):
     """per_class_iou.png and confusion.png for one evaluation."""
     import matplotlib
@@ -165,11 +257,20 @@ def main(args):
     loader = common.make_loader(dataset, args.batch_size, args.workers)
     if args.save_predictions:
         os.makedirs(args.save_predictions, exist_ok=True)
-    scores = {}  # dataset position -> per-image mIoU
+    if args.browse:
+        check_display()
+    per_image = args.save_vis or args.html or args.browse
+    scores, predictions = {}, {}  # dataset position -> per-image mIoU / prediction (for --browse)
 
     def on_prediction(index, pred):
         k = index  # items are numbered like the cache, and evaluation uses its first len(dataset) items
-        scores[k] = image_miou(dataset[k]["mask"].numpy(), pred, num_classes) if args.save_vis else None
+        if per_image:
+            mask = dataset[k]["mask"].numpy()
+            scores[k] = image_miou(mask, pred, num_classes)
+        if args.html:
+            write_html_assets(args.html, dataset.cache.ids[index], np.asarray(dataset.cache.get(index)[0]), mask, pred)
+        if args.browse:
+            predictions[k] = pred
         if args.save_predictions:
             common.save_mask_png(pred, os.path.join(args.save_predictions, dataset.cache.ids[index] + ".png"))
 
@@ -185,9 +286,16 @@ def main(args):
         print(f"  {true:>14s} -> {pred:<14s} {100 * frac:5.1f}%  ({pixels} px)")
     if args.analysis:
         plot_analysis(metrics, names, args.analysis)
+    ordered = [scores[k] for k in range(len(dataset))] if per_image else None
     if args.save_vis:
-        ordered = [scores[k] for k in range(len(dataset))]
         save_visualisations(model, dataset, ordered, names, device, args.save_vis, min(args.num_vis, len(dataset)))
+    if args.html:
+        write_html(args.html, [(dataset.cache.ids[k], ordered[k]) for k in range(len(dataset))],
+                   f"{arch}: {args.weights}", f"{args.split}: {metrics['num_images']} images, mIoU "
+                   f"{100 * metrics['miou']:.2f}, pixel acc {100 * metrics['pixel_acc']:.2f}.")
+        print(f"wrote {os.path.join(args.html, 'index.html')}")
+    if args.browse:
+        browse(dataset, predictions, ordered, names)
     print(f"mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['pixel_acc']:.2f}  "
           f"mean class acc {100 * metrics['mean_class_acc']:.2f}")
     if args.json:

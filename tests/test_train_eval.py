@@ -2,6 +2,8 @@
 evaluate.py --json vs --save-predictions, evaluate.py on real VOC files when present."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -137,3 +139,39 @@ def test_evaluate_runs_on_real_voc_files(tmp_path):
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["num_images"] == 200 and 0 <= report["miou"] <= 1
     assert "mIoU" in proc.stdout
+
+
+def test_html_browser_page_references_existing_files(data_dir, trained_run, tmp_path):
+    out = tmp_path / "html"
+    evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--weights", str(trained_run / "best.pth"), "--toy", "--data-dir", data_dir, "--workers", "0",
+         "--limit-val", "6", "--html", str(out), "--save-predictions", str(tmp_path / "preds")]))
+    page = (out / "index.html").read_text()
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert len(sources) == 3 * 6 and all((out / s).is_file() for s in sources)
+    assert "http" not in page.lower().replace("http-equiv", "")  # nothing fetched from the network
+    rows = re.findall(r"<tr><td>([^<]+)</td><td>([0-9.]+)</td>", page)
+    assert len(rows) == 6
+    for image_id, shown in rows:  # the page's per-image mIoU matches the saved prediction
+        pred = np.asarray(Image.open(tmp_path / "preds" / f"{image_id}.png"))
+        gt = np.asarray(Image.open(os.path.join(data_dir, "toy", "VOCdevkit", "VOC2012", "SegmentationClass",
+                                                image_id + ".png")))
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "img" / f"{image_id}_pred.png"))[..., :3],
+                                      evaluate.colorize(pred))
+        assert float(shown) == pytest.approx(100 * evaluate.image_miou(gt, pred, 21), abs=0.006)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless check: Chromium not installed (apt-get install chromium)")
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (out / "index.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert 'data-ready="1"' in dom and dom.count("<tr>") == 7  # the script ran; header + 6 rows rendered
+
+
+def test_browse_without_display_points_to_html(trained_run, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with pytest.raises(SystemExit, match="--browse needs a display.*--html"):
+        evaluate.main(evaluate.get_args_parser().parse_args(["--weights", str(trained_run / "best.pth"), "--toy",
+                                                             "--browse"]))
