@@ -1017,6 +1017,22 @@ def plot_history(history, out_dir):
     plt.close(fig)
 
 
+def plot_runs_miou(histories, path):
+    """Val mIoU per epoch of several runs ({label: history}) in one chart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, history in histories.items():
+        ax.plot([h["epoch"] for h in history], [100 * h["val_miou"] for h in history], "o-", label=label)
+    ax.set(xlabel="epoch", ylabel="val mIoU (%)", title="Validation mIoU per run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation and the training loop
 # ---------------------------------------------------------------------------------------------

@@ -79,24 +79,9 @@ def main(args):
               f"{r['epoch_s']:.1f} |" for r in rows]
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
         f.write("\n".join(table) + "\n")
-    plot_runs(rows, os.path.join(args.out_dir, "miou_all.png"))
+    common.plot_runs_miou({r["model"]: r["history"] for r in rows}, os.path.join(args.out_dir, "miou_all.png"))
     print("\n".join(table))
     print(f"table: {args.out_dir}/results.md, plot: {args.out_dir}/miou_all.png, per-run plots in each run folder")
-
-
-def plot_runs(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.plot([h["epoch"] for h in r["history"]], [100 * h["val_miou"] for h in r["history"]], "o-", label=r["model"])
-    ax.set(xlabel="epoch", ylabel="val mIoU (%)", title="Validation mIoU per run")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python evaluate.py --weights best.pth --data-dir ./data --json metrics.json --save-predictions preds/
 """
 import argparse
+import copy
 import html
 import json
 import math
@@ -19,7 +20,12 @@ import common
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Evaluate a student or teacher checkpoint on a VOC-format split.")
-    parser.add_argument("--weights", required=True, help="checkpoint written by a train_*.py script, or a bare state_dict")
+    parser.add_argument("--weights", nargs="+", default=[], help="checkpoint(s) written by a train_*.py script, or bare "
+                        "state_dicts; several are compared on the same images")
+    parser.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
+                        help="run folders to compare (their best.pth), e.g. checkpoints/*")
+    parser.add_argument("--comparison", default="comparison", metavar="DIR", help="where a comparison of several "
+                        "models goes: comparison.md/.csv, miou_vs_epoch.png, side_by_side.png (default: %(default)s)")
     common.add_data_args(parser)
     parser.add_argument("--split", default="val", help="ImageSets/Segmentation list to evaluate (default: %(default)s)")
     parser.add_argument("--batch-size", type=common.positive_int, default=8, help="batch size (default: %(default)s)")
@@ -104,18 +110,25 @@ def save_panel(image, mask, pred, names, title, path):
 
 
 @torch.no_grad()
+def predict_image(model, dataset, k, device):
+    """Prediction for dataset item k at its mask's resolution."""
+    model.eval()
+    item = dataset[k]
+    logits = model(item["image"][None].to(device)).float()
+    return torch.nn.functional.interpolate(logits, size=item["mask"].shape, mode="bilinear",
+                                           align_corners=False).argmax(1)[0].cpu().numpy()
+
+
+@torch.no_grad()
 def save_visualisations(model, dataset, scores, names, device, out_dir, n):
     """Panels of the worst and best images by per-image mIoU (predicted again, one image at a time)."""
     os.makedirs(out_dir, exist_ok=True)
     model.eval()
     written = []
     for rank, k in enumerate(select_worst_best(scores, n)):
-        item = dataset[k]
         image, _ = dataset.cache.get(dataset.indices[k])
-        mask = item["mask"].numpy()
-        logits = model(item["image"][None].to(device)).float()
-        pred = torch.nn.functional.interpolate(logits, size=mask.shape, mode="bilinear",
-                                               align_corners=False).argmax(1)[0].cpu().numpy()
+        mask = dataset[k]["mask"].numpy()
+        pred = predict_image(model, dataset, k, device)
         if image.shape[:2] != mask.shape:  # --eval-size: show the image at the metric's resolution
             image = common.warp_image(image, common.sample_grid(*image.shape[:2], mask.shape[0])).numpy()
             image = np.clip((image * np.array(common.IMAGENET_STD)[:, None, None] +
@@ -242,6 +255,89 @@ def plot_analysis(metrics, names, out_dir):
 
 
 def main(args):
+    weights = list(args.weights) + [os.path.join(r, "best.pth") for r in args.runs]
+    if not weights:
+        raise SystemExit("error: give --weights PATH [PATH ...] or --runs RUN_DIR [RUN_DIR ...]")
+    if len(weights) == 1:
+        return evaluate_weights(copy.copy(args), weights[0])["metrics"]
+    single = [f for f in ("json", "save_predictions", "save_vis", "html", "analysis", "browse") if getattr(args, f)]
+    if single:
+        raise SystemExit(f"error: --{single[0].replace('_', '-')} takes one model; run evaluate.py per model for it "
+                         f"(several --weights/--runs write a comparison to --comparison {args.comparison})")
+    results = [evaluate_weights(copy.copy(args), w, per_image=True) for w in weights]
+    write_comparison(results, args.comparison, min(args.num_vis, 4))
+    return [r["metrics"] for r in results]
+
+
+def run_timing(weights):
+    """(backend, median latency ms) of the fastest backend in a timing JSON beside the checkpoint, if any."""
+    folder = os.path.dirname(os.path.abspath(weights))
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            with open(os.path.join(folder, name)) as f:
+                data = json.load(f)
+            if isinstance(data, dict) and "backends" in data:
+                timed = {b: r["latency_ms_median"] for b, r in data["backends"].items() if "latency_ms_median" in r}
+                if timed:
+                    best = min(timed, key=timed.get)
+                    return best, timed[best]
+    return None
+
+
+def write_comparison(results, out_dir, n_images):
+    """comparison.md/.csv (one row per model), miou_vs_epoch.png (from each run's history.json) and
+    side_by_side.png (the same images, worst and best by the first model, predicted by every model)."""
+    import csv
+    os.makedirs(out_dir, exist_ok=True)
+    names = results[0]["names"]
+    header = ["model", "strategy", "params", "val_miou", "pixel_acc", "latency_ms"] + [f"iou_{n}" for n in names]
+    rows = []
+    for r in results:
+        timing = run_timing(r["weights"])
+        rows.append([r["weights"], r["strategy"], r["params"], round(100 * r["metrics"]["miou"], 2),
+                     round(100 * r["metrics"]["pixel_acc"], 2), "" if timing is None else f"{timing[1]:.2f} ({timing[0]})"]
+                    + ["" if math.isnan(v) else round(100 * v, 2) for v in r["metrics"]["iou_per_class"]])
+    with open(os.path.join(out_dir, "comparison.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    with open(os.path.join(out_dir, "comparison.md"), "w") as f:
+        f.write("| " + " | ".join(header[:6]) + " |\n|" + "---|" * 6 + "\n")
+        f.writelines("| " + " | ".join(str(v) for v in row[:6]) + " |\n" for row in rows)
+    histories = {}
+    for r in results:
+        path = os.path.join(os.path.dirname(os.path.abspath(r["weights"])), "history.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                histories[r["weights"]] = json.load(f)
+    if histories:
+        common.plot_runs_miou(histories, os.path.join(out_dir, "miou_vs_epoch.png"))
+    first = results[0]
+    picks = select_worst_best(first["scores"], n_images)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(picks), 2 + len(results), figsize=(2.6 * (2 + len(results)), 2.6 * len(picks)),
+                             squeeze=False)
+    for row, k in enumerate(picks):
+        image, _ = first["dataset"].cache.get(first["dataset"].indices[k])
+        mask = first["dataset"][k]["mask"].numpy()
+        panels = [(np.asarray(image), "image"), (colorize(mask), "ground truth")]
+        for r in results:
+            pred = predict_image(r["model"], r["dataset"], k, r["device"])
+            panels.append((colorize(pred), f"{r['strategy']} ({100 * image_miou(mask, pred, len(names)):.0f})"))
+        for ax, (img, title) in zip(axes[row], panels):
+            ax.imshow(img)
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "side_by_side.png"), dpi=80)
+    plt.close(fig)
+    print("\n".join(open(os.path.join(out_dir, "comparison.md")).read().splitlines()))
+    print(f"comparison written to {out_dir}/ (comparison.md, comparison.csv, miou_vs_epoch.png, side_by_side.png)")
+
+
+def evaluate_weights(args, weights, per_image=False):
+    """Evaluate one checkpoint with every per-model output the flags ask for; returns what a comparison needs."""
+    args.weights = weights
     model, arch, num_classes, ckpt = common.load_model(args.weights)
     trained = ckpt.get("args", {})
     if args.image_size is None and trained.get("image_size"):
@@ -259,7 +355,7 @@ def main(args):
         os.makedirs(args.save_predictions, exist_ok=True)
     if args.browse:
         check_display()
-    per_image = args.save_vis or args.html or args.browse
+    per_image = per_image or args.save_vis or args.html or args.browse
     scores, predictions = {}, {}  # dataset position -> per-image mIoU / prediction (for --browse)
 
     def on_prediction(index, pred):
@@ -304,7 +400,9 @@ def main(args):
                "iou_per_class": {n: (None if math.isnan(v) else v) for n, v in zip(names, metrics["iou_per_class"])},
                "num_images": metrics["num_images"]}
         common.write_json(args.json, out)
-    return metrics
+    return {"metrics": metrics, "weights": weights, "arch": arch, "strategy": trained.get("strategy", arch),
+            "params": common.count_params(model), "names": names, "scores": ordered, "model": model,
+            "dataset": dataset, "device": device}
 
 
 if __name__ == "__main__":

@@ -175,3 +175,37 @@ def test_browse_without_display_points_to_html(trained_run, monkeypatch):
     with pytest.raises(SystemExit, match="--browse needs a display.*--html"):
         evaluate.main(evaluate.get_args_parser().parse_args(["--weights", str(trained_run / "best.pth"), "--toy",
                                                              "--browse"]))
+
+
+def test_comparison_of_several_models_matches_their_own_json(data_dir, trained_run, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.manual_seed(1)
+    torch.save(LightweightDeepLabV3(21).state_dict(), other / "best.pth")  # bare state_dict, no history
+    (other / "timing.json").write_text(json.dumps({"backends": {"eager": {"latency_ms_median": 30.0},
+                                                                "onnxruntime": {"latency_ms_median": 12.5}}}))
+    flags = ["--toy", "--data-dir", data_dir, "--workers", "0", "--limit-val", "8"]
+    out = tmp_path / "cmp"
+    evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--runs", str(trained_run), str(other), "--comparison", str(out), *flags]))
+    import csv
+    with open(out / "comparison.csv") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 3 and len(rows[0]) == 6 + 21
+    for row in rows[1:]:
+        report = tmp_path / "own.json"
+        evaluate.main(evaluate.get_args_parser().parse_args(["--weights", row[0], "--json", str(report), *flags]))
+        own = json.loads(report.read_text())
+        assert float(row[3]) == round(100 * own["miou"], 2) and float(row[4]) == round(100 * own["pixel_acc"], 2)
+        for name, cell in zip(rows[0][6:], row[6:]):
+            value = own["iou_per_class"][name[len("iou_"):]]
+            assert (cell == "") == (value is None) and (value is None or float(cell) == round(100 * value, 2))
+    assert rows[1][1] == "baseline-student" and rows[1][5] == ""
+    assert rows[2][1] == "student" and rows[2][5] == "12.50 (onnxruntime)"
+    assert "| model | strategy |" in (out / "comparison.md").read_text()
+    assert Image.open(out / "miou_vs_epoch.png").size[0] >= 500
+    width, height = Image.open(out / "side_by_side.png").size
+    assert (width, height) == (4 * 208, 4 * 208)  # 4 images x (image, truth, 2 models), 2.6 in at 80 dpi each
+    with pytest.raises(SystemExit, match="--json takes one model"):
+        evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--runs", str(trained_run), str(other), "--json", str(tmp_path / "x.json"), *flags]))
