@@ -2,6 +2,8 @@
 
     python evaluate.py --weights checkpoints/baseline-student_XXXX/best.pth --toy
     python evaluate.py --weights best.pth --data-dir ./data --json metrics.json --save-predictions preds/
+    python evaluate.py --weights best.pth --toy --save-vis vis --analysis plots --html browse
+    python evaluate.py --runs checkpoints/* --toy --comparison comparison      # several models, same images
 """
 import argparse
 import copy
