@@ -194,6 +194,13 @@ def check_display():
 def browse(dataset, predictions, scores, names):
     """Matplotlib viewer: left/right = previous/next, w = worst image, o = prediction overlay on/off."""
     import matplotlib.pyplot as plt
+    make_browser(dataset, predictions, scores, names)
+    plt.show()
+
+
+def make_browser(dataset, predictions, scores, names):
+    """The viewer's figure with its key bindings; returns (figure, state)."""
+    import matplotlib.pyplot as plt
     state = {"k": 0, "overlay": False}
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.5))
 
@@ -224,7 +231,7 @@ def browse(dataset, predictions, scores, names):
 
     fig.canvas.mpl_connect("key_press_event", on_key)
     draw()
-    plt.show()
+    return fig, state
 
 
 def plot_analysis(metrics, names, out_dir):

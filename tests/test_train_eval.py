@@ -209,3 +209,26 @@ def test_comparison_of_several_models_matches_their_own_json(data_dir, trained_r
     with pytest.raises(SystemExit, match="--json takes one model"):
         evaluate.main(evaluate.get_args_parser().parse_args(
             ["--runs", str(trained_run), str(other), "--json", str(tmp_path / "x.json"), *flags]))
+
+
+def test_browser_keys(data_dir, trained_run):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import KeyEvent
+    args = evaluate.get_args_parser().parse_args(["--weights", str(trained_run / "best.pth"), "--toy", "--data-dir",
+                                                  data_dir, "--workers", "0", "--limit-val", "5"])
+    result = evaluate.evaluate_weights(args, str(trained_run / "best.pth"), per_image=True)
+    dataset, scores = result["dataset"], result["scores"]
+    predictions = {k: evaluate.predict_image(result["model"], dataset, k, result["device"]) for k in range(5)}
+    fig, state = evaluate.make_browser(dataset, predictions, scores, result["names"])
+
+    def press(key):
+        fig.canvas.callbacks.process("key_press_event", KeyEvent("key_press_event", fig.canvas, key))
+        return fig._suptitle.get_text()
+    assert press("right").startswith("2/5 ") and state["k"] == 1
+    assert press("left").startswith("1/5 ") and press("left").startswith("5/5 ")  # wraps around
+    title = press("w")
+    worst = int(np.argmin(scores))
+    assert state["k"] == worst and title.startswith(f"{worst + 1}/5 {dataset.cache.ids[worst]}")
+    press("o")
+    assert state["overlay"] and fig.axes[0].images[0].get_array().shape[:2] == predictions[worst].shape
