@@ -1559,8 +1559,9 @@ def time_model(model, name, args):
             continue
         lat = measure_latency(fn, x1, args.warmup, args.runs, device)
         thr = measure_latency(fn, xb, min(args.warmup, 2), max(3, args.runs // 10), device)
-        rec = {"latency_ms_median": 1000 * statistics_median(lat), "latency_ms_p90": 1000 * float(np.percentile(lat, 90)),
-               "fps": 1.0 / statistics_median(lat), "throughput_img_s": args.batch_size / statistics_median(thr),
+        median = float(np.median(lat))
+        rec = {"latency_ms_median": 1000 * median, "latency_ms_p90": 1000 * float(np.percentile(lat, 90)),
+               "fps": 1.0 / median, "throughput_img_s": args.batch_size / float(np.median(thr)),
                "max_abs_diff": diff, "latencies_ms": [1000 * t for t in lat]}
         if val_loader is not None:
             rec["miou"] = evaluate(_Callable(fn), val_loader, device, model.num_classes)["miou"]
@@ -1582,10 +1583,6 @@ def time_model(model, name, args):
                 others.append(json.load(f))
         plot_timing([result] + others, args.plot)
     return result
-
-
-def statistics_median(values):
-    return float(np.median(values))
 
 
 def print_timing_table(result):
