@@ -9,6 +9,7 @@ import datetime
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -1443,7 +1444,28 @@ def export_onnx(model, path, image_size, verify=True):
     return diff
 
 
-def prepare_backend(model, backend, device, image_size, threads=None, tmp_dir=None):
+def onnx_session(model, image_size, device, threads=None, profile_prefix=None):
+    """An ONNX Runtime session (all graph optimisations) of model exported at image_size; BackendUnavailable without
+    onnxruntime. profile_prefix: turn on ONNX Runtime's profiler, writing its JSON at that path prefix."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailable("onnxruntime is not installed (pip install onnxruntime)")
+    import tempfile
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
+    with tempfile.TemporaryDirectory() as tmp:  # the session keeps the model in memory; the file can go
+        path = os.path.join(tmp, "model.onnx")
+        export_onnx(model.cpu(), path, image_size, verify=False)
+        return ort.InferenceSession(path, options, providers=providers + ["CPUExecutionProvider"])
+
+
+def prepare_backend(model, backend, device, image_size, threads=None):
     """A function x -> float32 logits running model with the given backend; BackendUnavailable if it can't run here."""
     import copy
     model = copy.deepcopy(model).eval().to(device)
@@ -1467,18 +1489,7 @@ def prepare_backend(model, backend, device, image_size, threads=None, tmp_dir=No
         compiled = torch.compile(model)
         return compiled
     if backend == "onnxruntime":
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendUnavailable("onnxruntime is not installed (pip install onnxruntime)")
-        import tempfile
-        path = os.path.join(tmp_dir or tempfile.mkdtemp(), "model.onnx")
-        export_onnx(model.cpu(), path, image_size, verify=False)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
-        session = ort.InferenceSession(path, options, providers=providers + ["CPUExecutionProvider"])
+        session = onnx_session(model, image_size, device, threads)
         return lambda x: torch.from_numpy(session.run(None, {"image": x.cpu().numpy()})[0]).to(x.device)
     raise ValueError(backend)
 
@@ -1488,22 +1499,50 @@ def _autocast_run(model, x, device_type, dtype):
         return model(x).float()
 
 
-def measure_latency(fn, x, warmup, runs, device):
-    """Seconds per call of fn(x), each timed alone after warm-up (CUDA synchronised)."""
+def measure_latency(fns, x, warmup, runs, device, rounds=10):
+    """Seconds per call of each fn(x) in fns (name -> fn; runs: name -> timed calls), each call timed alone after
+    warm-up (CUDA synchronised). The functions take turns over `rounds` rounds, so a busy spell of a shared machine
+    slows all of them alike and the ratios between them stay fair; each turn starts with one untimed call."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
+    times = {name: [] for name in fns}
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn(x)
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn(x)
         sync()
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn(x)
-            sync()
-            times.append(time.perf_counter() - t0)
+        for r in range(rounds):
+            for name, fn in fns.items():
+                time.sleep(0.05)  # lets the previous runtime's spinning worker threads go to sleep
+                fn(x)  # untimed: the first call of a turn pays for the caches the other functions evicted
+                for _ in range(runs[name] * (r + 1) // rounds - runs[name] * r // rounds):  # runs spread evenly
+                    t0 = time.perf_counter()
+                    fn(x)
+                    sync()
+                    times[name].append(time.perf_counter() - t0)
     return times
+
+
+def latency_stats(seconds):
+    median = float(np.median(seconds))
+    return {"latency_ms_median": 1000 * median, "latency_ms_p90": 1000 * float(np.percentile(seconds, 90)),
+            "fps": 1.0 / median, "latencies_ms": [1000 * t for t in seconds]}
+
+
+def prepare_backends(model, backends, device, x, threads):
+    """name -> (fn, max |fn(x) - eager(x)|) for each backend that runs here; name -> reason for the others."""
+    with torch.inference_mode():
+        reference = model(x).float()
+    ready, unavailable = {}, {}
+    for backend in backends:
+        try:
+            fn = prepare_backend(model, backend, device, x.shape[-1], threads)
+            with torch.inference_mode():
+                ready[backend] = fn, float((fn(x).float() - reference).abs().max())
+        except BackendUnavailable as e:
+            unavailable[backend] = str(e)
+    return ready, unavailable
 
 
 class _Callable(nn.Module):
@@ -1525,10 +1564,10 @@ def load_model_for_timing(path, arch):
     return model
 
 
-def time_model(model, name, args):
+def time_model(model, name, args, teacher=None):
     """The timing recipe shared by time_student.py and time_teacher.py: every requested backend's latency (batch 1,
-    median/p90), throughput at --batch-size, output difference to eager, and val mIoU; prints a table, writes
-    --json and --plot. Returns the result dict."""
+    median/p90), throughput at --batch-size, output difference to eager, and val mIoU; with a teacher, its batch-1
+    latency on the same backends, measured in turns with the model's. Prints a table, writes --json and --plot."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = setup_run(args, strategy="timing")
@@ -1539,41 +1578,54 @@ def time_model(model, name, args):
     x1 = torch.randn(1, 3, args.image_size, args.image_size, generator=gen).to(device)
     xb = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device)
     model = model.eval().to(device)
-    with torch.inference_mode():
-        reference = model(x1).float()
+    result = {"model": name, "params": count_params(model), "image_size": args.image_size, "device": str(device),
+              "size_mb": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2 ** 20,
+              "threads": torch.get_num_threads(), "batch_size": args.batch_size, "miou": None,
+              "gflops": model_gflops(model, x1), "backends": {}}
+    ready, unavailable = prepare_backends(model, backends, device, x1, args.threads)
+    for backend, reason in unavailable.items():
+        print(f"{backend:>14s}: unavailable ({reason})")
+    fns = {backend: fn for backend, (fn, _) in ready.items()}
+    runs = {backend: args.runs for backend in fns}
+    if teacher is not None:
+        teacher_ready, _ = prepare_backends(teacher.eval().to(device), list(fns), device, x1, args.threads)
+        fns.update({f"teacher {b}": fn for b, (fn, _) in teacher_ready.items()})
+        runs.update({f"teacher {b}": args.teacher_runs for b in teacher_ready})
+    latencies = measure_latency(fns, x1, args.warmup, runs, device)
+    batched = measure_latency({b: fns[b] for b in ready}, xb, min(args.warmup, 2),
+                              {b: max(3, args.runs // 10) for b in ready}, device)
     val_loader = None
     if not args.no_miou:
         args.eval_only = True
         val_loader = make_loader(build_datasets(args, splits=("val",))[0]["val"], 8, args.workers)
-    result = {"model": name, "params": count_params(model), "image_size": args.image_size, "device": str(device),
-              "size_mb": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2 ** 20,
-              "threads": torch.get_num_threads(), "batch_size": args.batch_size, "miou": None, "backends": {}}
     for backend in backends:
-        try:
-            fn = prepare_backend(model, backend, device, args.image_size, args.threads)
-            with torch.inference_mode():
-                diff = float((fn(x1).float() - reference).abs().max())
-        except BackendUnavailable as e:
-            result["backends"][backend] = {"unavailable": str(e)}
-            print(f"{backend:>14s}: unavailable ({e})")
+        if backend in unavailable:
+            result["backends"][backend] = {"unavailable": unavailable[backend]}
             continue
-        lat = measure_latency(fn, x1, args.warmup, args.runs, device)
-        thr = measure_latency(fn, xb, min(args.warmup, 2), max(3, args.runs // 10), device)
-        median = float(np.median(lat))
-        rec = {"latency_ms_median": 1000 * median, "latency_ms_p90": 1000 * float(np.percentile(lat, 90)),
-               "fps": 1.0 / median, "throughput_img_s": args.batch_size / float(np.median(thr)),
-               "max_abs_diff": diff, "latencies_ms": [1000 * t for t in lat]}
+        rec = latency_stats(latencies[backend])
+        rec.update(throughput_img_s=args.batch_size / float(np.median(batched[backend])), max_abs_diff=ready[backend][1])
         if val_loader is not None:
-            rec["miou"] = evaluate(_Callable(fn), val_loader, device, model.num_classes)["miou"]
+            rec["miou"] = evaluate(_Callable(fns[backend]), val_loader, device, model.num_classes)["miou"]
             if backend == "eager" or result["miou"] is None:
                 result["miou"] = rec["miou"]
         result["backends"][backend] = rec
         print(f"{backend:>14s}: {rec['latency_ms_median']:8.2f} ms median, {rec['latency_ms_p90']:8.2f} ms p90 at batch 1 | "
-              f"{rec['throughput_img_s']:7.1f} img/s at batch {args.batch_size} | max |diff| {diff:.1e}"
+              f"{rec['throughput_img_s']:7.1f} img/s at batch {args.batch_size} | max |diff| {rec['max_abs_diff']:.1e}"
               + (f" | mIoU {100 * rec['miou']:.2f}" if "miou" in rec else ""))
+    if teacher is not None:
+        result["vs_teacher"] = {"params": count_params(teacher), "weights": args.teacher_weights, "backends": {}}
+        for backend, (_, diff) in teacher_ready.items():
+            rec = latency_stats(latencies[f"teacher {backend}"])
+            rec.update(max_abs_diff=diff, ratio=rec["latency_ms_median"] / result["backends"][backend]["latency_ms_median"])
+            result["vs_teacher"]["backends"][backend] = rec
     print_timing_table(result)
     if args.profile:
         profile_model(model, x1)
+        result["gemm_gflops_per_s"] = gemm_gflops_per_s(device)
+        if "onnxruntime" in ready:
+            result["onnxruntime_profile"] = [{"kind": k, "ms": ms, "gflop": g}
+                                             for k, ms, g in profile_onnxruntime(model, x1, args.threads)]
+        print_profile(result)
     if args.json:
         write_json(args.json, result)
     if args.plot:
@@ -1588,14 +1640,18 @@ def time_model(model, name, args):
 def print_timing_table(result):
     ok = {k: v for k, v in result["backends"].items() if "latency_ms_median" in v}
     eager = ok.get("eager", {}).get("latency_ms_median")
+    teacher = result.get("vs_teacher", {}).get("backends", {})
     print(f"\n{result['model']}: {result['params']:,} parameters, {result['size_mb']:.1f} MB, {result['image_size']}px, "
           f"{result['device']}, {result['threads']} threads" + (f", val mIoU {100 * result['miou']:.2f}" if result["miou"] is not None else ""))
-    print("| backend | median ms (batch 1) | p90 ms | FPS | img/s (batch %d) | speed-up vs eager | max abs diff |" % result["batch_size"])
-    print("|---|---|---|---|---|---|---|")
+    print("| backend | median ms (batch 1) | p90 ms | FPS | img/s (batch %d) | speed-up vs eager | max abs diff |" % result["batch_size"]
+          + (" teacher ms (batch 1) | teacher / student |" if teacher else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if teacher else ""))
     for name, r in ok.items():
         speedup = f"{eager / r['latency_ms_median']:.2f}x" if eager else "-"
+        t = teacher.get(name)
         print(f"| {name} | {r['latency_ms_median']:.2f} | {r['latency_ms_p90']:.2f} | {r['fps']:.1f} | "
-              f"{r['throughput_img_s']:.1f} | {speedup} | {r['max_abs_diff']:.1e} |")
+              f"{r['throughput_img_s']:.1f} | {speedup} | {r['max_abs_diff']:.1e} |"
+              + (f" {t['latency_ms_median']:.1f} | {t['ratio']:.1f}x |" if t else " - | - |" if teacher else ""))
 
 
 def profile_model(model, x, rows=15):
@@ -1609,6 +1665,81 @@ def profile_model(model, x, rows=15):
             for _ in range(10):
                 model(x)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def model_gflops(model, x):
+    """Floating-point operations of model(x) (convolutions and matrix products; 1 multiply-add = 2), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def gemm_gflops_per_s(device, n=2048, runs=10):
+    """This machine's fp32 matrix-multiply rate right now (median of torch.mm of two n x n matrices): the practical
+    compute roofline that no fp32 backend beats on convolutions."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    times = measure_latency({"mm": lambda x: torch.mm(a, x)}, b, 2, {"mm": runs}, device, rounds=1)["mm"]
+    return 2 * n ** 3 / float(np.median(times)) / 1e9
+
+
+def onnx_kernel_kind(args):
+    """(kind, FLOP) of one ONNX Runtime kernel from the shapes in its profiler record."""
+    shapes = [list(d.values())[0] for d in args.get("input_type_shape", [])]
+    out = list(args["output_type_shape"][0].values())[0] if args.get("output_type_shape") else []
+    op = args["op_name"]
+    if op == "Conv":
+        w = shapes[1]  # (out channels, in channels / groups, kh, kw)
+        flops = 2 * math.prod(out) * math.prod(w[1:])
+        if out[2:] == [1, 1]:
+            return "conv on 1x1 maps (squeeze-excitation)", flops
+        if w[2:] == [1, 1]:
+            return "conv 1x1", flops
+        return (f"conv depthwise {w[2]}x{w[3]}" if w[1] == 1 else f"conv {w[2]}x{w[3]}"), flops
+    if op in ("MatMul", "FusedMatMul"):
+        return "matmul (final upsampling)", 2 * math.prod(out) * shapes[0][-1]
+    if op in ("ReorderInput", "ReorderOutput"):
+        return "layout reorder NCHW <-> NCHWc", 0
+    return op, 0
+
+
+def profile_onnxruntime(model, x, threads=None, runs=20, warmup=3):
+    """Where ONNX Runtime's time goes: its session profiler over `runs` runs after `warmup`, kernel time and GFLOP per
+    run for each kind of operator (convolutions split by shape). Returns [(kind, ms, GFLOP)], slowest first."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        session = onnx_session(model, x.shape[-1], x.device, threads, profile_prefix=os.path.join(tmp, "ort"))
+        feed = {"image": x.cpu().numpy()}
+        for _ in range(warmup + runs):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    start = sorted(e["ts"] for e in events if e.get("name") == "model_run")[warmup]
+    kinds = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            kind, flops = onnx_kernel_kind(e["args"])
+            ms, gflop = kinds.get(kind, (0.0, 0.0))
+            kinds[kind] = ms + e["dur"] / 1000 / runs, gflop + flops / 1e9 / runs
+    return sorted(((k, ms, gflop) for k, (ms, gflop) in kinds.items()), key=lambda r: -r[1])
+
+
+def print_profile(result):
+    """The ONNX Runtime kernel table (if profiled) and the model's distance from the fp32 compute floor."""
+    rows = result.get("onnxruntime_profile", [])
+    if rows:
+        total = sum(r["ms"] for r in rows)
+        print(f"\nONNX Runtime kernels of the {result['model']} (session profiler, batch 1): {total:.2f} ms per run")
+        print("| operator | ms per run | share | GFLOP | GFLOP/s |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['kind']} | {r['ms']:.2f} | {100 * r['ms'] / total:.1f}% | {r['gflop']:.3f} | "
+                  + (f"{r['gflop'] / r['ms'] * 1000:.0f} |" if r["gflop"] else "- |"))
+    fastest = min((b for b in result["backends"].values() if "latency_ms_median" in b), key=lambda b: b["latency_ms_median"])
+    floor = result["gflops"] / result["gemm_gflops_per_s"] * 1000
+    print(f"{result['gflops']:.2f} GFLOP per image; fp32 matrix multiply runs at {result['gemm_gflops_per_s']:.0f} GFLOP/s "
+          f"here now (torch.mm 2048x2048, {result['threads']} threads), so {floor:.1f} ms is the fp32 compute floor at "
+          f"batch 1; the fastest backend's {fastest['latency_ms_median']:.1f} ms is "
+          f"{fastest['latency_ms_median'] / floor:.2f}x that floor")
 
 
 def plot_timing(results, path):

@@ -11,6 +11,22 @@ from torchvision.models import mobilenet_v3_large
 FEATURE_TAPS = {6: ("stage8", 40), 12: ("stage16", 112)}
 
 
+def interpolation_matrix(n_in, n_out, like):
+    """(n_out, n_in) weights of 1-D linear resizing with align_corners=False, exactly as F.interpolate computes them."""
+    impulses = torch.eye(n_in, dtype=like.dtype, device=like.device).unsqueeze(1)  # n_in signals of length n_in
+    return F.interpolate(impulses, size=n_out, mode="linear", align_corners=False)[:, 0, :].T
+
+
+def upsample_bilinear(x, size):
+    """F.interpolate(x, size, mode="bilinear", align_corners=False) as two matrix products (bilinear resizing is
+    separable). Same values; ~3x faster on CPU than upsample_bilinear2d, and in ONNX Runtime it skips the NCHWc
+    Resize and the full-size layout reorder after it (see README, "where the student's time goes")."""
+    # int(): an ONNX export bakes the matrices in as constants for its fixed input size
+    rows = interpolation_matrix(int(x.shape[-2]), int(size[0]), x)
+    cols = interpolation_matrix(int(x.shape[-1]), int(size[1]), x)
+    return rows @ x @ cols.T
+
+
 class LightweightDeepLabV3(nn.Module):
     """MobileNetV3-Large features (dilated last stage) -> Conv1x1(960,256)+BN+ReLU ->
     Conv3x3(256,256,dilation 6)+BN+ReLU -> Dropout(0.1) -> Conv1x1(256,C) -> bilinear upsampling."""
@@ -40,7 +56,7 @@ class LightweightDeepLabV3(nn.Module):
                 feats[FEATURE_TAPS[i][0]] = x
         x = self.head(x)
         feats["head"] = x  # pre-classifier features (256 ch, stride 16)
-        logits = F.interpolate(self.classifier(x), size=size, mode="bilinear", align_corners=False)
+        logits = upsample_bilinear(self.classifier(x), size)
         return (logits, feats) if return_features else logits
 
 

@@ -2,6 +2,7 @@
 
     python time_student.py --weights checkpoints/demo/baseline/best.pth --toy --backend all --json student_timing.json
     python time_student.py --backend all --no-miou                   # random weights: same timing, fully offline
+    python time_student.py --backend eager,onnxruntime --no-miou --vs-teacher   # + teacher/student latency ratio
     python time_student.py --weights best.pth --export-onnx student.onnx   # deployable ONNX file (dynamic batch)
 """
 import argparse
@@ -13,6 +14,13 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Time the LightweightDeepLabV3 student.")
     parser.add_argument("--weights", default=None, help="student checkpoint (default: random weights)")
     common.add_timing_args(parser)
+    parser.add_argument("--vs-teacher", action="store_true",
+                        help="also time the FCN-ResNet50 teacher at batch 1 on the same backends, in turns with the "
+                             "student, and report the teacher/student latency ratio (random teacher weights: the "
+                             "timing is the same; or --teacher-weights)")
+    parser.add_argument("--teacher-weights", default=None, metavar="PATH", help="teacher checkpoint for --vs-teacher")
+    parser.add_argument("--teacher-runs", type=common.positive_int, default=10,
+                        help="timed teacher runs per backend with --vs-teacher (default: %(default)s)")
     parser.add_argument("--export-onnx", default=None, metavar="PATH",
                         help="write the student as ONNX (dynamic batch), verified against PyTorch, and exit")
     return parser
@@ -27,7 +35,10 @@ def main(args):
         diff = common.export_onnx(model, args.export_onnx, args.image_size or 256)
         print(f"wrote {args.export_onnx} (dynamic batch); ONNX Runtime vs PyTorch max |diff| {diff:.1e}")
         return None
-    return common.time_model(model, "student", args)
+    teacher = None
+    if args.vs_teacher or args.teacher_weights:
+        teacher = common.build_teacher(model.num_classes, pretrained=False, weights_path=args.teacher_weights)
+    return common.time_model(model, "student", args, teacher)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ import torch
 from torchvision.models import mobilenet_v3_large
 from torchvision.models.segmentation import fcn_resnet50
 
+import torch.nn.functional as F
+
 import common
-from student_model import LightweightDeepLabV3
+from student_model import LightweightDeepLabV3, upsample_bilinear
 
 
 def test_student_parameter_count_and_shapes():
@@ -20,6 +22,20 @@ def test_student_parameter_count_and_shapes():
     assert feats["stage16"].shape == (2, 112, 6, 8)
     assert feats["head"].shape == (2, 256, 6, 8)
     assert LightweightDeepLabV3(5)(torch.randn(1, 3, 64, 64)).shape == (1, 5, 64, 64)
+
+
+@pytest.mark.parametrize("shape,size", [((2, 21, 16, 16), (256, 256)), ((1, 21, 32, 24), (500, 375)),
+                                        ((3, 4, 7, 9), (13, 100)), ((1, 2, 20, 20), (7, 5)), ((1, 3, 6, 6), (6, 6))])
+def test_matrix_upsampling_equals_bilinear_interpolate(shape, size):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    expected = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    got = upsample_bilinear(y, size)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    got.backward(grad)
+    torch.testing.assert_close(y.grad, x.grad, rtol=0, atol=1e-12)
 
 
 def _hub_checkpoint(filename):

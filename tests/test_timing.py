@@ -71,6 +71,52 @@ def test_time_student_json_and_plot(data_dir, tmp_path):
     assert Image.open(tmp_path / "timing.png").size[0] >= 1000
 
 
+def test_measure_latency_takes_turns_and_counts_runs():
+    calls = []
+    fns = {"a": lambda x: calls.append("a"), "b": lambda x: calls.append("b")}
+    times = common.measure_latency(fns, None, 1, {"a": 6, "b": 3}, torch.device("cpu"), rounds=3)
+    assert len(times["a"]) == 6 and len(times["b"]) == 3
+    # warm-up, then 3 rounds, each turn one untimed call plus its share of the timed runs
+    assert "".join(calls) == "ab" + "aaa" + "bb" + "aaa" + "bb" + "aaa" + "bb"
+
+
+def _conv_and_matmul_flops(model, x):
+    """FLOP of model(x) counted independently: hooks on every Conv2d plus the two products of the final upsampling."""
+    flops = []
+    hooks = [m.register_forward_hook(lambda m, i, o: flops.append(
+        2 * o.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]))
+        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.inference_mode():
+        logits = model(x)
+    for h in hooks:
+        h.remove()
+    (n, c, height, width), (h16, w16) = logits.shape, (x.shape[-2] // 16, x.shape[-1] // 16)
+    return sum(flops) + 2 * n * c * height * h16 * w16 + 2 * n * c * height * w16 * width
+
+
+def test_vs_teacher_ratio_and_onnxruntime_profile(tmp_path, student):
+    weights = tmp_path / "student.pth"
+    torch.save(student.state_dict(), weights)
+    out = tmp_path / "student.json"
+    argv = ["--weights", str(weights), "--no-miou", "--image-size", "64", "--backend", "eager,onnxruntime",
+            "--runs", "4", "--warmup", "1", "--batch-size", "2", "--vs-teacher", "--teacher-runs", "2", "--profile",
+            "--json", str(out)]
+    time_student.main(time_student.get_args_parser().parse_args(argv))
+    report = json.loads(out.read_text())
+    teacher = report["vs_teacher"]
+    assert teacher["params"] == 32_957_013 and set(teacher["backends"]) == {"eager", "onnxruntime"}
+    for name, t in teacher["backends"].items():
+        assert len(t["latencies_ms"]) == 2 and t["latency_ms_median"] == pytest.approx(np.median(t["latencies_ms"]))
+        assert t["ratio"] == pytest.approx(t["latency_ms_median"] / report["backends"][name]["latency_ms_median"])
+    assert teacher["backends"]["eager"]["max_abs_diff"] == 0.0 and teacher["backends"]["onnxruntime"]["max_abs_diff"] < 1e-3
+    flops = _conv_and_matmul_flops(student, torch.randn(1, 3, 64, 64))
+    assert report["gflops"] == pytest.approx(flops / 1e9, rel=1e-9)
+    profile = {r["kind"]: r for r in report["onnxruntime_profile"]}
+    assert sum(r["gflop"] for r in profile.values()) == pytest.approx(flops / 1e9, rel=0.01)  # 21 -> 24 padded classes
+    assert {"conv 1x1", "conv 3x3", "conv depthwise 5x5", "matmul (final upsampling)"} <= set(profile)
+    assert all(r["ms"] > 0 for r in profile.values()) and report["gemm_gflops_per_s"] > 0
+
+
 def test_onnx_export_round_trip(tmp_path, student):
     weights = tmp_path / "student.pth"
     torch.save(student.state_dict(), weights)
