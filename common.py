@@ -1413,7 +1413,10 @@ def add_timing_args(parser):
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's default)")
     parser.add_argument("--no-miou", action="store_true", help="skip the val mIoU measurement")
-    parser.add_argument("--profile", action="store_true", help="print a per-operator profile of the eager model")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where the time goes: a torch.profiler table of the eager model, ONNX Runtime's "
+                             "kernel time and GFLOP/s per kind of operator (when --backend includes onnxruntime), and "
+                             "this machine's fp32 compute floor for the model")
     parser.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON to PATH")
     parser.add_argument("--plot", default=None, metavar="PATH", help="draw latency distributions (and, with "
                         "--compare, the speed/accuracy point of each model) to PATH")
@@ -1755,6 +1758,9 @@ def plot_timing(results, path):
             if "latencies_ms" in b:
                 labels.append(f"{r['model']}\n{backend}")
                 data.append(b["latencies_ms"])
+        for backend, b in r.get("vs_teacher", {}).get("backends", {}).items():
+            labels.append(f"teacher (in turns with the {r['model']})\n{backend}")
+            data.append(b["latencies_ms"])
     axes[0].boxplot(data, orientation="horizontal")
     axes[0].set_yticks(range(1, len(labels) + 1), labels, fontsize=7)
     axes[0].set_xscale("log")
