@@ -1408,7 +1408,8 @@ def add_timing_args(parser):
                              f"'all' for every backend side by side (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="batch size of the throughput measurement (default: %(default)s)")
-    parser.add_argument("--runs", type=positive_int, default=50, help="timed runs at batch 1 (default: %(default)s)")
+    parser.add_argument("--runs", type=positive_int, default=50,
+                        help="timed runs at batch 1 per backend, in turns with the other backends (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's default)")
