@@ -1589,6 +1589,9 @@ def time_model(model, name, args, teacher=None):
     ready, unavailable = prepare_backends(model, backends, device, x1, args.threads)
     for backend, reason in unavailable.items():
         print(f"{backend:>14s}: unavailable ({reason})")
+    if not ready:
+        raise SystemExit(f"error: --backend {','.join(backends)}: none of them can run here (see above); "
+                         f"eager and onnxruntime run everywhere")
     fns = {backend: fn for backend, (fn, _) in ready.items()}
     runs = {backend: args.runs for backend in fns}
     if teacher is not None:
@@ -1738,12 +1741,11 @@ def print_profile(result):
         for r in rows:
             print(f"| {r['kind']} | {r['ms']:.2f} | {100 * r['ms'] / total:.1f}% | {r['gflop']:.3f} | "
                   + (f"{r['gflop'] / r['ms'] * 1000:.0f} |" if r["gflop"] else "- |"))
-    fastest = min((b for b in result["backends"].values() if "latency_ms_median" in b), key=lambda b: b["latency_ms_median"])
+    timed = [b["latency_ms_median"] for b in result["backends"].values() if "latency_ms_median" in b]
     floor = result["gflops"] / result["gemm_gflops_per_s"] * 1000
     print(f"{result['gflops']:.2f} GFLOP per image; fp32 matrix multiply runs at {result['gemm_gflops_per_s']:.0f} GFLOP/s "
           f"here now (torch.mm 2048x2048, {result['threads']} threads), so {floor:.1f} ms is the fp32 compute floor at "
-          f"batch 1; the fastest backend's {fastest['latency_ms_median']:.1f} ms is "
-          f"{fastest['latency_ms_median'] / floor:.2f}x that floor")
+          f"batch 1" + (f"; the fastest backend's {min(timed):.1f} ms is {min(timed) / floor:.2f}x that floor" if timed else ""))
 
 
 def plot_timing(results, path):

@@ -37,6 +37,9 @@ def test_backend_matches_eager_on_cpu(backend, student):
 def test_fp16_is_refused_on_cpu(student):
     with pytest.raises(common.BackendUnavailable, match="CUDA"):
         common.prepare_backend(student, "fp16", torch.device("cpu"), 64)
+    with pytest.raises(SystemExit, match="--backend fp16: none of them can run here"):
+        time_student.main(time_student.get_args_parser().parse_args(
+            ["--backend", "fp16", "--device", "cpu", "--no-miou", "--image-size", "64"]))
 
 
 def test_time_student_json_and_plot(data_dir, tmp_path):
