@@ -5,6 +5,7 @@ Scripts import this module; importing it does no work.
 """
 import argparse
 import contextlib
+import copy
 import datetime
 import errno
 import hashlib
@@ -1428,8 +1429,7 @@ def add_timing_args(parser):
 
 def export_onnx(model, path, image_size, verify=True):
     """Export to ONNX with a dynamic batch axis; verify ONNX Runtime's output against PyTorch's. Returns max |diff|."""
-    import warnings
-    model = model.eval().cpu()
+    model = copy.deepcopy(model).eval().cpu()  # the caller's model stays on its device and in its mode
     x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notes about python flags
@@ -1471,7 +1471,6 @@ def onnx_session(model, image_size, device, threads=None, profile_prefix=None):
 
 def prepare_backend(model, backend, device, image_size, threads=None):
     """A function x -> float32 logits running model with the given backend; BackendUnavailable if it can't run here."""
-    import copy
     model = copy.deepcopy(model).eval().to(device)
     if backend == "eager":
         return model

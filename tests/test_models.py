@@ -3,10 +3,9 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.models import mobilenet_v3_large
 from torchvision.models.segmentation import fcn_resnet50
-
-import torch.nn.functional as F
 
 import common
 from student_model import LightweightDeepLabV3, upsample_bilinear
