@@ -926,7 +926,7 @@ def add_training_args(parser, default_epochs=50):
                         help="continue a run from PATH (no PATH: OUT_DIR/last.pth)")
     parser.add_argument("--save-every", type=positive_int, default=5,
                         help="also keep epoch_NNN.pth every N epochs (default: %(default)s)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16 where supported, else fp16)")
+    add_amp_arg(parser)
     parser.add_argument("--accumulate", type=positive_int, default=1, help="optimizer step every N batches, "
                         "gradients accumulated: batch 16 as 4 x 4 on a small GPU (default: %(default)s)")
     parser.add_argument("--channels-last", action="store_true", help="train in channels_last memory format "
@@ -951,6 +951,10 @@ def setup_run(args, strategy):
     if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device} but CUDA is not available here; use --device cpu")
     device = init_distributed(args)
+    if hasattr(args, "amp"):  # the precision is a recorded choice (config.json), never a side effect of the host
+        args.amp = resolve_amp(args.amp, device)
+    if hasattr(args, "teacher_dtype"):
+        args.teacher_dtype = resolve_teacher_dtype(args.teacher_dtype, device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1039,11 +1043,36 @@ def plot_runs_miou(histories, path):
 # Evaluation and the training loop
 # ---------------------------------------------------------------------------------------------
 
-def autocast(device, enabled):
-    if not enabled or device.type != "cuda":
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def low_precision(device):
+    """The 16-bit type a device runs best: bf16 on CUDA where supported (else fp16), bf16 on CPU (native on
+    AVX512-BF16/AMX CPUs, emulated elsewhere, with the same rounding either way)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
+def resolve_amp(amp, device):
+    """--amp as given ('auto', 'bf16', 'fp16' or None) -> the autocast type this run uses ('fp32' = off)."""
+    if amp is None:
+        return "fp32"
+    return low_precision(device) if amp == "auto" else amp
+
+
+def autocast(device, precision):
+    """Autocast to precision ('bf16'/'fp16') on device; 'fp32' (or None) runs in full precision."""
+    if precision in (None, "fp32"):
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def add_amp_arg(parser):
+    parser.add_argument("--amp", nargs="?", const="auto", choices=("auto", "bf16", "fp16"), default=None,
+                        help="mixed precision (autocast): bf16, or fp16 with a gradient scaler; --amp alone picks bf16 "
+                             "where the device supports it (CPU, recent GPUs), else fp16 (default: off, fp32)")
+    return parser
 
 
 def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, skip_batches=0):
@@ -1066,14 +1095,14 @@ def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, ski
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, num_classes, criterion=None, amp=False, on_prediction=None):
+def evaluate(model, loader, device, num_classes, criterion=None, precision="fp32", on_prediction=None):
     """Metrics of model over loader. Logits are resized to each mask's size (the image's original
     resolution unless --eval-size) before argmax. on_prediction(index, pred uint8 HxW) sees each image."""
     model.eval()
     confmat = ConfusionMatrix(num_classes)
     loss_sum, n = 0.0, 0
     for batch in loader:
-        with autocast(device, amp):
+        with autocast(device, precision):
             logits = model(batch["image"].to(device, non_blocking=True)).float()
         masks = batch["mask"] if isinstance(batch["mask"], list) else list(batch["mask"])
         for j, mask in enumerate(masks):
@@ -1133,7 +1162,7 @@ def new_progress():
     return {"step": 0, "totals": {}, "n_images": 0, "wait": 0.0, "seconds": 0.0, "skipped": 0}
 
 
-def train_one_epoch(model, compute_loss, loader, optimizer, device, amp, epoch, scaler, progress,
+def train_one_epoch(model, compute_loss, loader, optimizer, device, precision, epoch, scaler, progress,
                     stop=None, skip_nonfinite=False, accumulate=1, channels_last=False):
     """Train over loader, continuing progress (new_progress() or a resumed one). The optimizer steps every
     `accumulate` batches (gradients averaged over ranks first); a stop request is honoured at such a step."""
@@ -1148,7 +1177,7 @@ def train_one_epoch(model, compute_loss, loader, optimizer, device, amp, epoch, 
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if channels_last:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
+        with autocast(device, precision):
             loss, parts = compute_loss(batch)
         step = progress["step"]
         progress["step"] += 1
@@ -1204,7 +1233,7 @@ def fit(args, model, compute_loss, datasets, criterion, device, extra_modules=No
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_factor,
                                                            patience=args.lr_patience)
-    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None  # bf16 has fp32's range: no scaling
     start_epoch, best_miou, history, partial = 0, -1.0, [], None
     if args.resume:
         ckpt = read_checkpoint(args.resume)
@@ -1236,7 +1265,7 @@ def fit(args, model, compute_loss, datasets, criterion, device, extra_modules=No
     train_set, val_set = datasets["train"], datasets["val"]
     val_loader = make_loader(val_set, args.batch_size, args.workers)
     log(f"{arch}: {count_params(model):,} parameters | train {len(train_set)} val {len(val_set)} images | "
-        f"device {device} x {world_size()} process(es) | out {args.out_dir}")
+        f"device {device} x {world_size()} process(es) | precision {args.amp} | out {args.out_dir}")
 
     def checkpoint(epoch, **more):
         return {"model": model.state_dict(), "extra": extra.state_dict(), "optimizer": optimizer.state_dict(),
@@ -1302,7 +1331,17 @@ def add_teacher_args(parser):
     parser.add_argument("--teacher-weights", default=None, metavar="PATH",
                         help="teacher checkpoint from 'train_baseline.py --model teacher' (default: torchvision's "
                              "COCO_WITH_VOC_LABELS_V1 FCN-ResNet50)")
+    parser.add_argument("--teacher-dtype", choices=tuple(PRECISIONS), default=None,
+                        help="precision the frozen teacher runs in (autocast for bf16/fp16); part of the teacher-logit "
+                             "cache key (default: fp32 on CPU; on CUDA bf16 where supported, else fp16)")
     return parser
+
+
+def resolve_teacher_dtype(teacher_dtype, device):
+    """--teacher-dtype as given, or its default for device: fp32 on CPU, the device's 16-bit type on CUDA."""
+    if teacher_dtype is not None:
+        return teacher_dtype
+    return low_precision(device) if device.type == "cuda" else "fp32"
 
 
 def build_frozen_teacher(args, device):
@@ -1310,17 +1349,8 @@ def build_frozen_teacher(args, device):
     teacher = build_teacher(args.num_classes, pretrained=True, weights_path=args.teacher_weights)
     teacher.eval().requires_grad_(False)
     log(f"teacher: FCN-ResNet50, {count_params(teacher):,} parameters, "
-          f"{args.teacher_weights or 'torchvision COCO_WITH_VOC_LABELS_V1'}")
+        f"{args.teacher_weights or 'torchvision COCO_WITH_VOC_LABELS_V1'}, runs in {args.teacher_dtype}")
     return teacher.to(device, memory_format=torch.channels_last)
-
-
-def teacher_autocast(device):
-    """Autocast for the frozen teacher where the hardware runs bf16/fp16 natively, else a no-op."""
-    if device.type == "cuda":
-        return autocast(device, True)
-    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def state_fingerprint(module):
@@ -1333,14 +1363,15 @@ def state_fingerprint(module):
 
 class TeacherLogitCache:
     """Teacher logits for every training image, at the teacher's native output resolution (stride 8), fp16,
-    in a memory-mapped .npy. The teacher sees each image resized to image_size (augmentation off); at train time
+    in a memory-mapped .npy. The teacher sees each image resized to image_size (augmentation off), in `precision`; at train time
     the sample's augmentation grid resamples the cached logits, so they follow the same scale/crop/flip as the
-    image and mask. Keyed by teacher weights, image size and dataset; rebuilt when any changes."""
+    image and mask. Keyed by teacher weights, its precision, image size and dataset; rebuilt when any changes."""
 
-    def __init__(self, teacher, dataset, device, batch_size, workers):
+    def __init__(self, teacher, dataset, device, batch_size, workers, precision):
         self.path = os.path.join(dataset.cache.dir, "teacher_logits.npy")
+        self.precision = precision
         key = hashlib.sha1(f"{state_fingerprint(teacher)}|{dataset.image_size}|{dataset.cache.fingerprint}|"
-                           f"{len(dataset)}".encode()).hexdigest()
+                           f"{len(dataset)}|{precision}".encode()).hexdigest()
         meta_path = self.path[:-4] + ".json"
         self.build_s = 0.0
         with main_process_first():
@@ -1349,7 +1380,7 @@ class TeacherLogitCache:
                 t0 = time.perf_counter()
                 self._build(teacher, dataset, device, batch_size, workers)
                 self.build_s = time.perf_counter() - t0
-                write_json(meta_path, {"key": key, "build_s": self.build_s})
+                write_json(meta_path, {"key": key, "teacher_dtype": precision, "build_s": self.build_s})
         self.size_mb = os.path.getsize(self.path) / 2 ** 20
         self._logits = None
 
@@ -1361,7 +1392,7 @@ class TeacherLogitCache:
         out = None
         tmp = self.path[:-4] + ".tmp.npy"
         for batch in tqdm(loader, desc="caching teacher logits", leave=False):
-            with teacher_autocast(device):
+            with autocast(device, self.precision):
                 x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
                 logits = teacher(x, upsample=False).float().cpu().numpy().astype(np.float16)
             if out is None:
@@ -1478,14 +1509,11 @@ def prepare_backend(model, backend, device, image_size, threads=None):
         model = model.to(memory_format=torch.channels_last)
         return lambda x: model(x.contiguous(memory_format=torch.channels_last))
     if backend == "bf16":
-        if device.type == "cuda":
-            return lambda x: _autocast_run(model, x, "cuda", torch.bfloat16)
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            raise BackendUnavailable("this CPU has no native bf16 (needs AVX512-BF16 or AMX); it would be emulated")
-        return lambda x: _autocast_run(model, x, "cpu", torch.bfloat16)
+        # runs on any CPU: natively with AVX512-BF16/AMX, emulated (same rounding, slower) elsewhere
+        return lambda x: _autocast_run(model, x, device.type, torch.bfloat16)
     if backend == "fp16":
         if device.type != "cuda":
-            raise BackendUnavailable("fp16 inference is a CUDA backend; on CPU use bf16 where supported")
+            raise BackendUnavailable("fp16 inference is a CUDA backend; on CPU use bf16")
         model = model.half()
         return lambda x: model(x.half()).float()
     if backend == "compile":
@@ -1510,6 +1538,7 @@ def measure_latency(fns, x, warmup, runs, device, rounds=10):
         if device.type == "cuda":
             torch.cuda.synchronize()
     times = {name: [] for name in fns}
+    rounds = max(1, min(rounds, max(runs.values())))  # a round in which nothing is timed would only cost time
     with torch.inference_mode():
         for fn in fns.values():
             for _ in range(warmup):

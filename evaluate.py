@@ -31,7 +31,7 @@ def get_args_parser():
     common.add_data_args(parser)
     parser.add_argument("--split", default="val", help="ImageSets/Segmentation list to evaluate (default: %(default)s)")
     parser.add_argument("--batch-size", type=common.positive_int, default=8, help="batch size (default: %(default)s)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    common.add_amp_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON to PATH")
     parser.add_argument("--save-predictions", default=None, metavar="DIR",
                         help="write each prediction as a VOC-palette PNG named by image id")
@@ -379,10 +379,12 @@ def evaluate_weights(args, weights, per_image=False):
         if args.save_predictions:
             common.save_mask_png(pred, os.path.join(args.save_predictions, dataset.cache.ids[index] + ".png"))
 
-    metrics = common.evaluate(model.to(device), loader, device, num_classes, amp=args.amp, on_prediction=on_prediction)
+    metrics = common.evaluate(model.to(device), loader, device, num_classes, precision=args.amp,
+                               on_prediction=on_prediction)
     names = class_names(num_classes)
     print(f"{arch} {args.weights} on {root} [{args.split}], {metrics['num_images']} images, "
-          f"input {args.image_size}px, metrics at {'original resolution' if not args.eval_size else f'{args.eval_size}px'}")
+          f"input {args.image_size}px, precision {args.amp}, "
+          f"metrics at {'original resolution' if not args.eval_size else f'{args.eval_size}px'}")
     print(f"{'class':>14s}  IoU")
     for name, iou in zip(names, metrics["iou_per_class"]):
         print(f"{name:>14s}  {'  n/a' if math.isnan(iou) else f'{100 * iou:5.1f}'}")
@@ -405,6 +407,7 @@ def evaluate_weights(args, weights, per_image=False):
           f"mean class acc {100 * metrics['mean_class_acc']:.2f}")
     if args.json:
         out = {"weights": args.weights, "arch": arch, "split": args.split, "image_size": args.image_size,
+               "precision": args.amp,
                "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"], "mean_class_acc": metrics["mean_class_acc"],
                "iou_per_class": {n: (None if math.isnan(v) else v) for n, v in zip(names, metrics["iou_per_class"])},
                "num_images": metrics["num_images"]}

@@ -56,7 +56,7 @@ def main(args):
 
     def compute_loss(batch):
         logits, feats = student(batch["image"], return_features=True)
-        with torch.no_grad(), common.teacher_autocast(device):
+        with torch.no_grad(), common.autocast(device, args.teacher_dtype):
             _, teacher_feats = teacher(batch["image"].contiguous(memory_format=torch.channels_last),
                                        return_features=True, upsample=False)
         parts = {"ce": criterion(logits, batch["mask"])}

@@ -47,7 +47,8 @@ def main(args):
     class_weights = common.compute_class_weights(datasets["train"])
     teacher = common.build_frozen_teacher(args, device)
     if not args.no_teacher_cache:
-        cache = common.TeacherLogitCache(teacher, datasets["train"], device, args.batch_size, args.workers)
+        cache = common.TeacherLogitCache(teacher, datasets["train"], device, args.batch_size, args.workers,
+                                         args.teacher_dtype)
         common.log(f"teacher-logit cache {cache.path}: {cache.size_mb:.1f} MB"
                    + (f", built in {cache.build_s:.1f}s" if cache.build_s else " (reused)"))
         datasets["train"].extra = cache
@@ -58,7 +59,7 @@ def main(args):
     def compute_loss(batch):
         logits = student(batch["image"])
         if args.no_teacher_cache:
-            with torch.no_grad(), common.teacher_autocast(device):
+            with torch.no_grad(), common.autocast(device, args.teacher_dtype):
                 teacher_logits = teacher(batch["image"].contiguous(memory_format=torch.channels_last)).float()
         else:
             teacher_logits = common.cached_teacher_logits(batch)

@@ -33,3 +33,10 @@ def small_run_args(data_dir, out_dir, *extra):
     """CLI flags for a seconds-long training run on the toy set."""
     return ["--toy", "--data-dir", data_dir, "--out-dir", str(out_dir), "--image-size", "64", "--batch-size", "8",
             "--limit-train", "32", "--limit-val", "12", "--workers", "0", "--no-pretrained", *extra]
+
+
+def assert_flag_refused(module, argv, capsys):
+    """module's argument parser rejects argv (ending in a flag and its bad value) with exit code 2, naming the flag."""
+    with pytest.raises(SystemExit) as e:
+        module.get_args_parser().parse_args(argv)
+    assert e.value.code == 2 and argv[-2] in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Distillation: the KD loss against an independent formula, gradients, the teacher-logit cache (== live teacher
+"""Distillation: the KD loss against an independent formula, a frozen teacher, the teacher-logit cache (== live teacher
 with augmentation off, invalidation), feature alignment, and both scripts' CLIs incl. resume."""
 import json
 import os
@@ -44,19 +44,23 @@ def test_response_kd_loss_against_independent_formula():
     assert train_response_kd.response_kd_loss(s, t, torch.full_like(target, 255), T).item() == 0.0
 
 
-def test_gradient_reaches_student_not_teacher():
-    torch.manual_seed(0)
+def test_frozen_teacher_gets_no_gradient_and_keeps_its_statistics(data_dir, toy_teacher, tmp_path):
+    """One live-teacher KD step through the script's own set-up: the student learns, the teacher (weights and
+    BatchNorm running statistics) stays exactly as loaded."""
+    args = train_response_kd.get_args_parser().parse_args(
+        small_run_args(data_dir, tmp_path / "run", "--teacher-weights", toy_teacher))
+    device = common.setup_run(args, "test")
+    teacher = common.build_frozen_teacher(args, device)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = common.build_student(21, pretrained=False)
-    teacher = common.build_teacher(21, pretrained=False).eval().requires_grad_(False)
-    x = torch.randn(2, 3, 64, 64)
-    target = torch.randint(0, 21, (2, 64, 64))
+    x, target = torch.randn(2, 3, 32, 32), torch.randint(0, 21, (2, 32, 32))
     with torch.no_grad():
         t_logits = teacher(x)
-    loss = train_response_kd.response_kd_loss(student(x), t_logits, target, 2.0)
-    loss.backward()
-    assert student.classifier.weight.grad is not None and student.classifier.weight.grad.abs().sum() > 0
-    assert student.backbone[0][0].weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in teacher.parameters())
+    train_response_kd.response_kd_loss(student(x), t_logits, target, 2.0).backward()
+    assert student.classifier.weight.grad.abs().sum() > 0 and student.backbone[0][0].weight.grad.abs().sum() > 0
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BatchNorm running stats included: eval mode really froze them
 
 
 def test_feature_alignment_shapes_and_loss():
@@ -70,14 +74,23 @@ def test_feature_alignment_shapes_and_loss():
     for s, (t, c_s, c_t) in train_feature_kd.FEATURE_PAIRS.items():
         assert sf[s].shape[1] == c_s and tf[t].shape[1] == c_t
         assert tf[t].shape[-2:] == (8, 12) and sf[s].shape[-2:] == (4, 6)
-        loss = train_feature_kd.cosine_feature_loss(sf[s], tf[t], adapters[s])
-        assert 0 <= loss.item() <= 2
-    # the loss is 1 - cosine: an adapter output equal to the (resized) teacher gives 0
-    feat = torch.randn(1, 4, 3, 3)
+    # against a plain float64 loop: 1 - <a, b> / (|a| |b|) per position, averaged (same size: no resizing)
+    g = torch.Generator().manual_seed(1)
+    feat, target = torch.randn(2, 4, 3, 5, generator=g), torch.randn(2, 6, 3, 5, generator=g)
+    adapter = torch.nn.Conv2d(4, 6, 1)
+    aligned = adapter(feat).detach().double().numpy()
+    t = target.double().numpy()
+    expected = np.mean([1 - np.dot(aligned[b, :, y, x], t[b, :, y, x]) /
+                        (np.linalg.norm(aligned[b, :, y, x]) * np.linalg.norm(t[b, :, y, x]))
+                        for b in range(2) for y in range(3) for x in range(5)])
+    assert train_feature_kd.cosine_feature_loss(feat, target, adapter).item() == pytest.approx(expected, rel=1e-5)
+    # a student map at half the teacher's size is resized bilinearly before the comparison
     identity = torch.nn.Conv2d(4, 4, 1, bias=False)
     identity.weight.data = torch.eye(4).view(4, 4, 1, 1)
-    assert train_feature_kd.cosine_feature_loss(feat, feat, identity).item() == pytest.approx(0, abs=1e-6)
-    assert train_feature_kd.cosine_feature_loss(feat, -feat, identity).item() == pytest.approx(2, abs=1e-6)
+    small = torch.randn(1, 4, 3, 3, generator=g)
+    big = torch.nn.functional.interpolate(small, size=(6, 6), mode="bilinear", align_corners=False)
+    assert train_feature_kd.cosine_feature_loss(small, big, identity).item() == pytest.approx(0, abs=1e-6)
+    assert train_feature_kd.cosine_feature_loss(small, -big, identity).item() == pytest.approx(2, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +110,36 @@ def _toy_train_set(data_dir, tmp_path, limit=8):
     return common.build_datasets(args, splits=("train",))[0]["train"]
 
 
-def test_cached_logits_equal_live_teacher_without_augmentation(data_dir, toy_teacher, tmp_path):
+# unit roundoff of each type: the cache stores fp16 (2^-11); a bf16 teacher computes with 2^-8
+UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cached_logits_equal_live_teacher_without_augmentation(precision, data_dir, toy_teacher, tmp_path):
     teacher = common.load_model(toy_teacher)[0].eval()
     dataset = _toy_train_set(data_dir, tmp_path)
-    cache = common.TeacherLogitCache(teacher, dataset, torch.device("cpu"), 4, 0)
+    cpu = torch.device("cpu")
+    cache = common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, precision)
     assert cache.build_s > 0 and cache.size_mb > 0
     dataset.extra, dataset.augment = cache, False
-    batch = common.collate([dataset[i] for i in range(len(dataset))])
-    cached = common.cached_teacher_logits(batch)
-    with torch.no_grad():
-        live = teacher(batch["image"])
+    batches = [common.collate([dataset[i] for i in range(k, k + 4)]) for k in (0, 4)]  # the cache's batches
+    cached = torch.cat([common.cached_teacher_logits(b) for b in batches])
+    with torch.no_grad(), common.autocast(cpu, precision):  # as train_response_kd.py --no-teacher-cache runs it
+        live = torch.cat([teacher(b["image"].contiguous(memory_format=torch.channels_last)).float() for b in batches])
     scale = live.abs().max().item()
-    torch.testing.assert_close(cached, live, rtol=0, atol=2e-3 * max(scale, 1.0))  # fp16 storage
-    kd_cached = train_response_kd.response_kd_loss(live * 0.5, cached, batch["mask"], 2.0)
-    kd_live = train_response_kd.response_kd_loss(live * 0.5, live, batch["mask"], 2.0)
+    # fp16 storage (half an fp16 ulp) plus, in bf16, a few roundoffs from the live path's own bf16 upsampling and
+    # kernels: derived from the types used, the same on every CPU
+    tolerance = (UNIT_ROUNDOFF["fp16"] + 8 * UNIT_ROUNDOFF[precision]) * scale
+    torch.testing.assert_close(cached, live, rtol=0, atol=tolerance)
+    mask = torch.cat([b["mask"] for b in batches])
+    kd_cached = train_response_kd.response_kd_loss(live * 0.5, cached, mask, 2.0)
+    kd_live = train_response_kd.response_kd_loss(live * 0.5, live, mask, 2.0)
     assert kd_cached.item() == pytest.approx(kd_live.item(), rel=1e-3, abs=1e-4)
+    if precision == "bf16":  # bf16 targets stay within bf16's roundoff of the fp32 ones on average
+        with torch.no_grad():
+            exact = torch.cat([teacher(b["image"]) for b in batches])
+        assert 0 < (cached - exact).abs().mean().item() <= UNIT_ROUNDOFF["bf16"] * scale
+        assert (cached.argmax(1) == exact.argmax(1)).float().mean().item() >= 0.98
     # with augmentation on, the cached logits follow the sample's crop/flip: same shape as the mask
     dataset.augment = True
     item = dataset[0]
@@ -119,35 +147,44 @@ def test_cached_logits_equal_live_teacher_without_augmentation(data_dir, toy_tea
     assert warped.shape[-2:] == item["mask"].shape
 
 
-def test_cache_is_reused_and_rebuilt_when_teacher_changes(data_dir, toy_teacher, tmp_path):
+def test_cache_is_reused_and_rebuilt_when_teacher_or_precision_changes(data_dir, toy_teacher, tmp_path):
     teacher = common.load_model(toy_teacher)[0].eval()
     dataset = _toy_train_set(data_dir, tmp_path, limit=4)
-    first = common.TeacherLogitCache(teacher, dataset, torch.device("cpu"), 4, 0)
-    again = common.TeacherLogitCache(teacher, dataset, torch.device("cpu"), 4, 0)
+    cpu = torch.device("cpu")
+    first = common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32")
+    again = common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32")
     assert first.build_s > 0 and again.build_s == 0.0
     before = again(0).clone()
+    bf16 = common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "bf16")  # a cache built in fp32 is not reused
+    assert bf16.build_s > 0 and not torch.equal(bf16(0), before)
+    meta = json.loads(open(bf16.path[:-4] + ".json").read())
+    assert meta["teacher_dtype"] == "bf16"
+    assert common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32").build_s > 0  # nor the other way round
     with torch.no_grad():
         teacher.classifier[4].bias += 1.0  # different weights -> different key
-    rebuilt = common.TeacherLogitCache(teacher, dataset, torch.device("cpu"), 4, 0)
+    rebuilt = common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32")
     assert rebuilt.build_s > 0
     torch.testing.assert_close(rebuilt(0).float(), before.float() + 1.0, rtol=0, atol=1e-2)
 
 
-@pytest.mark.parametrize("script,extra", [
-    ("train_response_kd.py", []),
-    ("train_response_kd.py", ["--no-teacher-cache"]),
-    ("train_feature_kd.py", []),
+@pytest.mark.parametrize("module,extra", [
+    (train_response_kd, []),                             # teacher-logit cache, fp32 teacher (the CPU default)
+    (train_feature_kd, ["--teacher-dtype", "bf16"]),     # live teacher in bf16
 ])
-def test_kd_cli_one_epoch_then_resume(script, extra, data_dir, toy_teacher, tmp_path):
+def test_kd_cli_one_epoch_then_resume(module, extra, data_dir, toy_teacher, tmp_path):
     out = tmp_path / "run"
-    base = small_run_args(data_dir, out, "--teacher-weights", toy_teacher, "--limit-train", "16", *extra)
+    base = small_run_args(data_dir, out, "--teacher-weights", toy_teacher, "--limit-train", "16", "--image-size", "32",
+                          *extra)
+    script = module.__name__ + ".py"
     proc = subprocess.run([sys.executable, script, *base, "--epochs", "1"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in OUTPUTS:
         assert os.path.getsize(out / name) > 0, name
-    proc = subprocess.run([sys.executable, script, *base, "--epochs", "2", "--resume"], cwd=REPO,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    dtype = "bf16" if extra else "fp32"
+    assert f"runs in {dtype}" in proc.stdout and "precision fp32" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["teacher_dtype"] == dtype and config["amp"] == "fp32"
+    module.main(module.get_args_parser().parse_args(base + ["--epochs", "2", "--resume"]))  # resume in-process
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1]
     terms = {"response": {"train_loss_ce", "train_loss_kd"},
@@ -158,6 +195,20 @@ def test_kd_cli_one_epoch_then_resume(script, extra, data_dir, toy_teacher, tmp_
         assert set(ckpt["extra"]) == {"stage16.weight", "stage16.bias", "head.weight", "head.bias"}
     assert not any(k.startswith(("stage16", "layer")) for k in ckpt["model"])
     assert common.load_model(str(out / "best.pth"))[1] == "student"
+
+
+def test_live_bf16_teacher_and_bf16_training(data_dir, toy_teacher, tmp_path, capsys):
+    """--no-teacher-cache with a bf16 teacher and --amp bf16 student training: the CPU bf16 paths (native or emulated)."""
+    out = tmp_path / "run"
+    argv = small_run_args(data_dir, out, "--teacher-weights", toy_teacher, "--limit-train", "8", "--image-size", "32",
+                          "--epochs", "1", "--no-teacher-cache", "--teacher-dtype", "bf16", "--amp", "bf16")
+    train_response_kd.main(train_response_kd.get_args_parser().parse_args(argv))
+    log = capsys.readouterr().out
+    assert "runs in bf16" in log and "precision bf16" in log and "teacher-logit cache" not in log
+    config = json.loads((out / "config.json").read_text())
+    assert config["teacher_dtype"] == "bf16" and config["amp"] == "bf16" and config["no_teacher_cache"]
+    record = json.loads((out / "history.json").read_text())[0]
+    assert all(np.isfinite(record[k]) for k in ("train_loss", "train_loss_kd", "train_loss_ce", "val_loss"))
 
 
 def test_teacher_with_other_class_count_is_refused(data_dir, tmp_path):

@@ -15,7 +15,8 @@ import torch
 
 import common
 import train_baseline
-from conftest import REPO, small_run_args
+import train_response_kd
+from conftest import REPO, assert_flag_refused, small_run_args
 
 COMPARED = ("train_loss", "val_loss", "val_miou", "val_pixel_acc", "lr")
 
@@ -111,12 +112,12 @@ def test_non_finite_loss_stops_naming_batch_and_term_or_is_skipped():
     compute_loss.calls = 0
     model = torch.nn.Linear(1, 1)
     with pytest.raises(SystemExit, match=r"non-finite loss at epoch 3 batch 1 \(terms: kd\)"):
-        common.train_one_epoch(model, compute_loss, _batches(3), opt, torch.device("cpu"), False, 3, None,
+        common.train_one_epoch(model, compute_loss, _batches(3), opt, torch.device("cpu"), "fp32", 3, None,
                                common.new_progress())
     compute_loss.calls = 0
     weight.data.fill_(1.0)
     with pytest.warns(UserWarning, match="skipping batch 1"):
-        progress = common.train_one_epoch(model, compute_loss, _batches(3), opt, torch.device("cpu"), False, 3, None,
+        progress = common.train_one_epoch(model, compute_loss, _batches(3), opt, torch.device("cpu"), "fp32", 3, None,
                                           common.new_progress(), skip_nonfinite=True)
     assert progress["step"] == 3 and progress["skipped"] == 1 and progress["n_images"] == 4
     # batches 0 and 2 trained (2 images each): kd = w = 1.0, then 1.0 - 0.1 * d(3w)/dw = 0.7
@@ -161,7 +162,7 @@ def test_gradient_accumulation_equals_the_large_batch():
         def compute_loss(batch):
             mse = torch.nn.functional.mse_loss(model(batch["image"]), batch["mask"])
             return mse, {"mse": mse}
-        common.train_one_epoch(model, compute_loss, batches, opt, torch.device("cpu"), False, 0, None,
+        common.train_one_epoch(model, compute_loss, batches, opt, torch.device("cpu"), "fp32", 0, None,
                                common.new_progress(), accumulate=accumulate)
         return model.weight.detach().clone()
     reference_state = torch.nn.Linear(3, 1).state_dict()
@@ -170,7 +171,7 @@ def test_gradient_accumulation_equals_the_large_batch():
     torch.testing.assert_close(small, big, rtol=1e-6, atol=1e-7)
 
 
-def test_bad_dataset_folder_and_flags_are_one_line_errors(tmp_path, toy_root):
+def test_bad_dataset_folder_and_flags_are_one_line_errors(tmp_path, toy_root, capsys):
     proc = subprocess.run([sys.executable, "train_baseline.py", "--data-dir", str(tmp_path / "nowhere"),
                            "--no-download", "--out-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: no VOC dataset under --data-dir")
@@ -178,10 +179,8 @@ def test_bad_dataset_folder_and_flags_are_one_line_errors(tmp_path, toy_root):
     partial = tmp_path / "partial" / "VOCdevkit" / "VOC2012"  # a half-extracted dataset: no masks folder
     os.makedirs(partial / "JPEGImages")
     os.makedirs(partial / "ImageSets" / "Segmentation")
-    proc = subprocess.run([sys.executable, "train_baseline.py", "--data-dir", str(tmp_path / "partial"),
-                           "--no-download", "--out-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 1 and "error: no VOC dataset under --data-dir" in proc.stderr
+    with pytest.raises(SystemExit, match="error: no VOC dataset under --data-dir"):
+        train_baseline.main(train_baseline.get_args_parser().parse_args(
+            ["--data-dir", str(tmp_path / "partial"), "--no-download", "--out-dir", str(tmp_path / "run")]))
     for bad in (["--temperature", "0"], ["--temperature", "-2"], ["--accumulate", "0"]):
-        proc = subprocess.run([sys.executable, "train_response_kd.py", "--toy", *bad], cwd=REPO, capture_output=True,
-                              text=True)
-        assert proc.returncode == 2 and bad[0] in proc.stderr
+        assert_flag_refused(train_response_kd, ["--toy", *bad], capsys)

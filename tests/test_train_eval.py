@@ -15,7 +15,7 @@ from PIL import Image
 import common
 import evaluate
 import train_baseline
-from conftest import REPO, VOC_SAMPLE, small_run_args
+from conftest import REPO, VOC_SAMPLE, assert_flag_refused, small_run_args
 from student_model import LightweightDeepLabV3
 
 HISTORY_KEYS = {"epoch", "train_loss", "train_loss_ce", "val_loss", "val_miou", "val_pixel_acc", "lr", "epoch_s",
@@ -67,15 +67,13 @@ def test_resume_continues_exactly(data_dir, tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
 
 
-def test_refuses_to_overwrite_a_run_and_bad_flags(data_dir, trained_run):
+def test_refuses_to_overwrite_a_run_and_bad_flags(data_dir, trained_run, capsys):
     with pytest.raises(SystemExit, match="already holds a run"):
         run_baseline(small_run_args(data_dir, trained_run, "--epochs", "1"))
     with pytest.raises(SystemExit, match="arch=student, this one has arch=teacher"):
         run_baseline(small_run_args(data_dir, trained_run, "--epochs", "3", "--model", "teacher", "--resume"))
     for bad in (["--epochs", "0"], ["--batch-size", "0"], ["--lr", "-1"]):
-        proc = subprocess.run([sys.executable, "train_baseline.py", "--toy", *bad], cwd=REPO, capture_output=True,
-                              text=True)
-        assert proc.returncode == 2 and bad[0] in proc.stderr
+        assert_flag_refused(train_baseline, ["--toy", *bad], capsys)
 
 
 def test_evaluate_json_agrees_with_saved_predictions(data_dir, toy_root, trained_run, tmp_path):
@@ -128,16 +126,25 @@ def test_most_confused_pairs_against_hand_computation():
 
 @pytest.mark.skipif(not os.path.isdir(VOC_SAMPLE), reason="../shared/voc_sample not present")
 def test_evaluate_runs_on_real_voc_files(tmp_path):
+    root = common.find_voc_root(VOC_SAMPLE)
+    ids = common.read_split_ids(root, "val")[:24]  # real JPEGs and palette PNGs; a few are enough for the CLI
+    sample = tmp_path / "voc" / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(sample / sub)
+    for image_id in ids:
+        for sub, ext in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png")):
+            os.symlink(os.path.join(root, sub, image_id + ext), sample / sub / (image_id + ext))
+    (sample / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
     weights = tmp_path / "student.pth"
     torch.manual_seed(0)
     torch.save(LightweightDeepLabV3(21).state_dict(), weights)  # bare state_dict, random weights
-    proc = subprocess.run([sys.executable, "evaluate.py", "--weights", str(weights), "--data-dir", VOC_SAMPLE,
+    proc = subprocess.run([sys.executable, "evaluate.py", "--weights", str(weights), "--data-dir", str(tmp_path / "voc"),
                            "--cache-dir", str(tmp_path / "cache"), "--image-size", "96", "--workers", "0",
                            "--no-download", "--json", str(tmp_path / "m.json")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "m.json").read_text())
-    assert report["num_images"] == 200 and 0 <= report["miou"] <= 1
+    assert report["num_images"] == len(ids) and 0 <= report["miou"] <= 1 and report["precision"] == "fp32"
     assert "mIoU" in proc.stdout
 
 
