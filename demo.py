@@ -13,6 +13,7 @@ import os
 import statistics
 
 import common
+import engine
 import evaluate
 import train_baseline
 import train_feature_kd
@@ -70,7 +71,7 @@ def main(args):
             metrics = json.load(f)
         with open(os.path.join(run_dir, "history.json")) as f:
             history = json.load(f)
-        model = common.load_model(os.path.join(run_dir, "best.pth"))[0]
+        model = common.load_model(os.path.join(run_dir, "best.pth")).model
         rows.append({"model": name, "params_m": common.count_params(model) / 1e6, "miou": 100 * metrics["miou"],
                      "pixel_acc": 100 * metrics["pixel_acc"], "epochs": len(history),
                      "epoch_s": statistics.median(h["epoch_s"] for h in history), "history": history})
@@ -79,7 +80,7 @@ def main(args):
               f"{r['epoch_s']:.1f} |" for r in rows]
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
         f.write("\n".join(table) + "\n")
-    common.plot_runs_miou({r["model"]: r["history"] for r in rows}, os.path.join(args.out_dir, "miou_all.png"))
+    engine.plot_runs_miou({r["model"]: r["history"] for r in rows}, os.path.join(args.out_dir, "miou_all.png"))
     print("\n".join(table))
     print(f"table: {args.out_dir}/results.md, plot: {args.out_dir}/miou_all.png, per-run plots in each run folder")
 

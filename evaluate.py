@@ -6,7 +6,7 @@
     python evaluate.py --runs checkpoints/* --toy --comparison comparison      # several models, same images
 """
 import argparse
-import copy
+import dataclasses
 import html
 import json
 import math
@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 import common
+import engine
+from distributed import init_distributed
 
 
 def get_args_parser():
@@ -31,7 +33,7 @@ def get_args_parser():
     common.add_data_args(parser)
     parser.add_argument("--split", default="val", help="ImageSets/Segmentation list to evaluate (default: %(default)s)")
     parser.add_argument("--batch-size", type=common.positive_int, default=8, help="batch size (default: %(default)s)")
-    common.add_amp_arg(parser)
+    engine.add_amp_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON to PATH")
     parser.add_argument("--save-predictions", default=None, metavar="DIR",
                         help="write each prediction as a VOC-palette PNG named by image id")
@@ -267,13 +269,14 @@ def main(args):
     weights = list(args.weights) + [os.path.join(r, "best.pth") for r in args.runs]
     if not weights:
         raise SystemExit("error: give --weights PATH [PATH ...] or --runs RUN_DIR [RUN_DIR ...]")
+    check_outputs(args)
     if len(weights) == 1:
-        return evaluate_weights(copy.copy(args), weights[0])["metrics"]
+        return evaluate_weights(args, weights[0])["metrics"]
     single = [f for f in ("json", "save_predictions", "save_vis", "html", "analysis", "browse") if getattr(args, f)]
     if single:
         raise SystemExit(f"error: --{single[0].replace('_', '-')} takes one model; run evaluate.py per model for it "
                          f"(several --weights/--runs write a comparison to --comparison {args.comparison})")
-    results = [evaluate_weights(copy.copy(args), w, per_image=True) for w in weights]
+    results = [evaluate_weights(args, w, per_image=True) for w in weights]
     write_comparison(results, args.comparison, min(args.num_vis, 4))
     return [r["metrics"] for r in results]
 
@@ -318,7 +321,7 @@ def write_comparison(results, out_dir, n_images):
             with open(path) as f:
                 histories[r["weights"]] = json.load(f)
     if histories:
-        common.plot_runs_miou(histories, os.path.join(out_dir, "miou_vs_epoch.png"))
+        engine.plot_runs_miou(histories, os.path.join(out_dir, "miou_vs_epoch.png"))
     first = results[0]
     picks = select_worst_best(first["scores"], n_images)
     import matplotlib
@@ -344,77 +347,112 @@ def write_comparison(results, out_dir, n_images):
     print(f"comparison written to {out_dir}/ (comparison.md, comparison.csv, miou_vs_epoch.png, side_by_side.png)")
 
 
+def load_for_evaluation(args, weights):
+    """(LoadedModel, DataConfig, device) for one checkpoint: evaluated at the size it was trained at unless
+    --image-size says otherwise, with the class count it predicts."""
+    loaded = common.load_model(weights)
+    trained = loaded.checkpoint.get("args", {})
+    if args.num_classes != loaded.num_classes and args.num_classes != len(common.VOC_CLASSES):
+        raise SystemExit(f"error: --num-classes {args.num_classes} but {weights} predicts {loaded.num_classes} classes")
+    data = common.data_config(args, default_image_size=trained.get("image_size"))
+    data = dataclasses.replace(data, num_classes=loaded.num_classes)
+    device = init_distributed(args.device)
+    return loaded, data, device
+
+
 def evaluate_weights(args, weights, per_image=False):
     """Evaluate one checkpoint with every per-model output the flags ask for; returns what a comparison needs."""
-    args.weights = weights
-    model, arch, num_classes, ckpt = common.load_model(args.weights)
-    trained = ckpt.get("args", {})
-    if args.image_size is None and trained.get("image_size"):
-        args.image_size = trained["image_size"]  # evaluate at the size the model was trained at
-    device = common.setup_run(args, strategy="evaluate")
-    if args.num_classes != num_classes:
-        if args.num_classes != len(common.VOC_CLASSES):
-            raise SystemExit(f"error: --num-classes {args.num_classes} but {args.weights} predicts {num_classes} classes")
-        args.num_classes = num_classes
-    args.eval_only = True
-    datasets, root = common.build_datasets(args, splits=(args.split,))
-    dataset = datasets[args.split]
-    loader = common.make_loader(dataset, args.batch_size, args.workers)
-    if args.save_predictions:
-        os.makedirs(args.save_predictions, exist_ok=True)
-    if args.browse:
-        check_display()
-    per_image = per_image or args.save_vis or args.html or args.browse
+    loaded, data, device = load_for_evaluation(args, weights)
+    dataset = common.build_datasets(data, splits=(args.split,), augment_train=False)[args.split]
+    loader = engine.make_loader(dataset, args.batch_size, data.workers)
+    per_image = per_image or bool(args.save_vis or args.html or args.browse)
     scores, predictions = {}, {}  # dataset position -> per-image mIoU / prediction (for --browse)
 
-    def on_prediction(index, pred):
-        k = index  # items are numbered like the cache, and evaluation uses its first len(dataset) items
+    def on_prediction(k, pred):  # items are numbered like the cache; evaluation uses its first len(dataset) items
+        mask = dataset[k]["mask"].numpy() if per_image else None
         if per_image:
-            mask = dataset[k]["mask"].numpy()
-            scores[k] = image_miou(mask, pred, num_classes)
+            scores[k] = image_miou(mask, pred, loaded.num_classes)
         if args.html:
-            write_html_assets(args.html, dataset.cache.ids[index], np.asarray(dataset.cache.get(index)[0]), mask, pred)
+            write_html_assets(args.html, dataset.cache.ids[k], np.asarray(dataset.cache.get(k)[0]), mask, pred)
         if args.browse:
             predictions[k] = pred
         if args.save_predictions:
-            common.save_mask_png(pred, os.path.join(args.save_predictions, dataset.cache.ids[index] + ".png"))
+            common.save_mask_png(pred, os.path.join(args.save_predictions, dataset.cache.ids[k] + ".png"))
 
-    metrics = common.evaluate(model.to(device), loader, device, num_classes, precision=args.amp,
-                               on_prediction=on_prediction)
-    names = class_names(num_classes)
-    print(f"{arch} {args.weights} on {root} [{args.split}], {metrics['num_images']} images, "
-          f"input {args.image_size}px, precision {args.amp}, "
-          f"metrics at {'original resolution' if not args.eval_size else f'{args.eval_size}px'}")
+    model = loaded.model.to(device)
+    metrics = engine.evaluate(model, loader, device, loaded.num_classes, precision=engine.resolve_amp(args.amp, device),
+                              on_prediction=on_prediction)
+    names = class_names(loaded.num_classes)
+    ordered = [scores[k] for k in range(len(dataset))] if per_image else None
+    report(args, weights, loaded, data, metrics, names, engine.resolve_amp(args.amp, device))
+    write_outputs(args, weights, loaded, model, dataset, metrics, names, ordered, predictions, device)
+    return {"metrics": metrics, "weights": weights, "arch": loaded.arch,
+            "strategy": loaded.checkpoint.get("args", {}).get("strategy", loaded.arch),
+            "params": common.count_params(model), "names": names, "scores": ordered, "model": model,
+            "dataset": dataset, "device": device}
+
+
+def report(args, weights, loaded, data, metrics, names, precision):
+    """The printed report (per-class IoU, most confused pairs, summary) and --json."""
+    print(f"{loaded.arch} {weights} on {data.data_dir}{' (toy)' if data.toy else ''} [{args.split}], "
+          f"{metrics['num_images']} images, input {data.image_size}px, precision {precision}, "
+          f"metrics at {'original resolution' if not data.eval_size else f'{data.eval_size}px'}")
     print(f"{'class':>14s}  IoU")
     for name, iou in zip(names, metrics["iou_per_class"]):
         print(f"{name:>14s}  {'  n/a' if math.isnan(iou) else f'{100 * iou:5.1f}'}")
     print("most confused (ground truth -> predicted: share of its pixels):")
     for true, pred, frac, pixels in most_confused_pairs(metrics["confusion"], names):
         print(f"  {true:>14s} -> {pred:<14s} {100 * frac:5.1f}%  ({pixels} px)")
+    print(f"mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['pixel_acc']:.2f}  "
+          f"mean class acc {100 * metrics['mean_class_acc']:.2f}")
+    if args.json:
+        common.write_json(args.json, {
+            "weights": weights, "arch": loaded.arch, "split": args.split, "image_size": data.image_size,
+            "precision": precision, "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
+            "mean_class_acc": metrics["mean_class_acc"], "num_images": metrics["num_images"],
+            "iou_per_class": {n: (None if math.isnan(v) else v) for n, v in zip(names, metrics["iou_per_class"])}})
+        print(f"wrote {args.json}")
+
+
+def write_outputs(args, weights, loaded, model, dataset, metrics, names, ordered, predictions, device):
+    """--analysis, --save-vis, --html, --save-predictions (written during evaluation) and --browse."""
+    if args.save_predictions:
+        print(f"wrote {len(dataset)} predictions to {args.save_predictions}/")
     if args.analysis:
         plot_analysis(metrics, names, args.analysis)
-    ordered = [scores[k] for k in range(len(dataset))] if per_image else None
+        print(f"wrote {args.analysis}/per_class_iou.png and confusion.png")
     if args.save_vis:
-        save_visualisations(model, dataset, ordered, names, device, args.save_vis, min(args.num_vis, len(dataset)))
+        written = save_visualisations(model, dataset, ordered, names, device, args.save_vis,
+                                      min(args.num_vis, len(dataset)))
+        print(f"wrote {len(written)} panels (worst and best images) to {args.save_vis}/")
     if args.html:
         write_html(args.html, [(dataset.cache.ids[k], ordered[k]) for k in range(len(dataset))],
-                   f"{arch}: {args.weights}", f"{args.split}: {metrics['num_images']} images, mIoU "
+                   f"{loaded.arch}: {weights}", f"{args.split}: {metrics['num_images']} images, mIoU "
                    f"{100 * metrics['miou']:.2f}, pixel acc {100 * metrics['pixel_acc']:.2f}.")
         print(f"wrote {os.path.join(args.html, 'index.html')}")
     if args.browse:
         browse(dataset, predictions, ordered, names)
-    print(f"mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['pixel_acc']:.2f}  "
-          f"mean class acc {100 * metrics['mean_class_acc']:.2f}")
-    if args.json:
-        out = {"weights": args.weights, "arch": arch, "split": args.split, "image_size": args.image_size,
-               "precision": args.amp,
-               "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"], "mean_class_acc": metrics["mean_class_acc"],
-               "iou_per_class": {n: (None if math.isnan(v) else v) for n, v in zip(names, metrics["iou_per_class"])},
-               "num_images": metrics["num_images"]}
-        common.write_json(args.json, out)
-    return {"metrics": metrics, "weights": weights, "arch": arch, "strategy": trained.get("strategy", arch),
-            "params": common.count_params(model), "names": names, "scores": ordered, "model": model,
-            "dataset": dataset, "device": device}
+
+
+def check_outputs(args):
+    """Fail before any work when an output path cannot be written (not after a whole evaluation)."""
+    if args.browse:
+        check_display()
+    for flag in ("json",):
+        path = getattr(args, flag)
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise SystemExit(f"error: --{flag} {path}: cannot write to {folder}; choose a writable path")
+    for flag in ("save_predictions", "save_vis", "html", "analysis"):
+        folder = getattr(args, flag)
+        if folder:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                raise SystemExit(f"error: --{flag.replace('_', '-')} {folder}: cannot create it ({e.strerror})")
+            if not os.access(folder, os.W_OK):
+                raise SystemExit(f"error: --{flag.replace('_', '-')} {folder}: not writable; choose another folder")
 
 
 if __name__ == "__main__":

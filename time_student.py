@@ -8,12 +8,13 @@
 import argparse
 
 import common
+import timing
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Time the LightweightDeepLabV3 student.")
     parser.add_argument("--weights", default=None, help="student checkpoint (default: random weights)")
-    common.add_timing_args(parser)
+    timing.add_timing_args(parser)
     parser.add_argument("--vs-teacher", action="store_true",
                         help="also time the FCN-ResNet50 teacher at batch 1 on the same backends, in turns with the "
                              "student, and report the teacher/student latency ratio (random teacher weights: the "
@@ -28,17 +29,18 @@ def get_args_parser():
 
 def main(args):
     if args.weights:
-        model = common.load_model_for_timing(args.weights, "student")
+        model = common.load_model(args.weights, expect_arch="student").model
     else:
         model = common.build_student(args.num_classes, pretrained=False)
     if args.export_onnx:
-        diff = common.export_onnx(model, args.export_onnx, args.image_size or 256)
+        diff = timing.export_onnx(model, args.export_onnx, args.image_size or 256)
         print(f"wrote {args.export_onnx} (dynamic batch); ONNX Runtime vs PyTorch max |diff| {diff:.1e}")
         return None
     teacher = None
     if args.vs_teacher or args.teacher_weights:
-        teacher = common.build_teacher(model.num_classes, pretrained=False, weights_path=args.teacher_weights)
-    return common.time_model(model, "student", args, teacher)
+        teacher = (common.load_model(args.teacher_weights, "--teacher-weights", expect_arch="teacher").model
+                   if args.teacher_weights else common.build_teacher(model.num_classes, pretrained=False))
+    return timing.run(args, model, "student", teacher)
 
 
 if __name__ == "__main__":

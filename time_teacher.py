@@ -7,22 +7,23 @@
 import argparse
 
 import common
+import timing
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Time the FCN-ResNet50 teacher.")
     parser.add_argument("--weights", default=None, help="teacher checkpoint (default: torchvision's pretrained weights)")
     parser.add_argument("--no-pretrained", action="store_true", help="random weights (times the same, works offline)")
-    common.add_timing_args(parser)
+    timing.add_timing_args(parser)
     return parser
 
 
 def main(args):
     if args.weights:
-        model = common.load_model_for_timing(args.weights, "teacher")
+        model = common.load_model(args.weights, expect_arch="teacher").model
     else:
         model = common.build_teacher(args.num_classes, pretrained=not args.no_pretrained)
-    return common.time_model(model, "teacher", args)
+    return timing.run(args, model, "teacher")
 
 
 if __name__ == "__main__":

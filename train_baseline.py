@@ -10,28 +10,29 @@ import argparse
 import torch.nn as nn
 
 import common
+import engine
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Train a segmentation model with weighted cross-entropy.")
-    common.add_training_args(parser)
+    engine.add_training_args(parser)
     parser.add_argument("--model", choices=("student", "teacher"), default="student",
                         help="student (LightweightDeepLabV3) or teacher (FCN-ResNet50) (default: %(default)s)")
     return parser
 
 
 def main(args):
-    device = common.setup_run(args, strategy=f"baseline-{args.model}")
-    datasets, _ = common.build_datasets(args)
+    cfg = engine.setup(args, strategy=f"baseline-{args.model}")
+    datasets = common.build_datasets(cfg.data)
     class_weights = common.compute_class_weights(datasets["train"])
-    model = common.build_model(args.model, args.num_classes, pretrained=not args.no_pretrained)
-    criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
+    model = common.build_model(args.model, cfg.data.num_classes, pretrained=not args.no_pretrained)
+    criterion = nn.CrossEntropyLoss(weight=class_weights.to(cfg.device), ignore_index=common.IGNORE_INDEX)
 
-    def compute_loss(batch):
-        ce = criterion(model(batch["image"]), batch["mask"])
+    def compute_loss(net, batch):
+        ce = criterion(net(batch["image"]), batch["mask"])
         return ce, {"ce": ce}
 
-    common.fit(args, model, compute_loss, datasets, criterion, device)
+    return engine.train(model, compute_loss, datasets, criterion, cfg)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ last mid-level stage before the network's final block, holding parts/textures; h
 (256 ch) -> layer4 (2048 ch): both are what each network's classifier reads, so matching them transfers the
 teacher's final representation. Teacher features are at stride 8, so the (aligned) student features are upsampled.
 loss = CE_w + feat_weight * (1 - cos) on the mid pair + final_feat_weight * (1 - cos) on the final pair, each
-averaged over positions. The alignment convs train with the student, are saved as the checkpoint's 'extra',
+averaged over positions. The alignment convs train with the student, are saved as the checkpoint's 'adapters',
 and are not part of the deployable student ('model').
 """
 import argparse
@@ -19,17 +19,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import distill
+import engine
+from distributed import init_distributed
 
 FEATURE_PAIRS = {"stage16": ("layer3", 112, 1024), "head": ("layer4", 256, 2048)}  # student: (teacher, c_s, c_t)
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Train the student with feature-based knowledge distillation.")
-    common.add_training_args(parser)
-    common.add_teacher_args(parser)
-    parser.add_argument("--feat-weight", type=float, default=0.1,
+    engine.add_training_args(parser)
+    distill.add_teacher_args(parser)
+    parser.add_argument("--feat-weight", type=common.non_negative_float, default=0.1,
                         help="weight of the cosine loss on stage16 -> layer3 (default: %(default)s)")
-    parser.add_argument("--final-feat-weight", type=float, default=0.5,
+    parser.add_argument("--final-feat-weight", type=common.non_negative_float, default=0.5,
                         help="weight of the cosine loss on head -> layer4 (default: %(default)s)")
     return parser
 
@@ -45,18 +48,20 @@ def cosine_feature_loss(student_feat, teacher_feat, adapter):
 
 
 def main(args):
-    device = common.setup_run(args, strategy="feature-kd")
-    datasets, _ = common.build_datasets(args)
+    device = init_distributed(args.device)
+    teacher_dtype = distill.resolve_teacher_dtype(args.teacher_dtype, device)
+    cfg = engine.setup(args, strategy="feature-kd", teacher_dtype=teacher_dtype)
+    datasets = common.build_datasets(cfg.data)
     class_weights = common.compute_class_weights(datasets["train"])
-    teacher = common.build_frozen_teacher(args, device)
-    student = common.build_student(args.num_classes, pretrained=not args.no_pretrained)
+    teacher = distill.build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
+    student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)
     adapters = build_adapters()
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
     weights = {"stage16": args.feat_weight, "head": args.final_feat_weight}
 
-    def compute_loss(batch):
-        logits, feats = student(batch["image"], return_features=True)
-        with torch.no_grad(), common.autocast(device, args.teacher_dtype):
+    def compute_loss(net, batch):
+        logits, feats = net(batch["image"], return_features=True)
+        with torch.no_grad(), engine.autocast(device, teacher_dtype):
             _, teacher_feats = teacher(batch["image"].contiguous(memory_format=torch.channels_last),
                                        return_features=True, upsample=False)
         parts = {"ce": criterion(logits, batch["mask"])}
@@ -65,7 +70,7 @@ def main(args):
         loss = parts["ce"] + sum(weights[s] * parts[f"feat_{s}"] for s in FEATURE_PAIRS)
         return loss, parts
 
-    common.fit(args, student, compute_loss, datasets, criterion, device, extra_modules=adapters)
+    return engine.train(student, compute_loss, datasets, criterion, cfg, adapters=adapters)
 
 
 if __name__ == "__main__":

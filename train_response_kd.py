@@ -16,14 +16,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import distill
+import engine
+from distributed import init_distributed, log
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Train the student with response-based knowledge distillation.")
-    common.add_training_args(parser)
-    common.add_teacher_args(parser)
-    parser.add_argument("--ce-weight", type=float, default=0.5, help="weight of the label CE term (default: %(default)s)")
-    parser.add_argument("--soft-target-weight", type=float, default=0.5,
+    engine.add_training_args(parser)
+    distill.add_teacher_args(parser)
+    parser.add_argument("--ce-weight", type=common.non_negative_float, default=0.5,
+                        help="weight of the label CE term (default: %(default)s)")
+    parser.add_argument("--soft-target-weight", type=common.non_negative_float, default=0.5,
                         help="weight of the KD term (default: %(default)s)")
     parser.add_argument("--temperature", type=common.positive_float, default=2.0,
                         help="softmax temperature T of both distributions (default: %(default)s)")
@@ -42,32 +46,34 @@ def response_kd_loss(student_logits, teacher_logits, target, temperature):
 
 
 def main(args):
-    device = common.setup_run(args, strategy="response-kd")
-    datasets, _ = common.build_datasets(args)
+    device = init_distributed(args.device)
+    teacher_dtype = distill.resolve_teacher_dtype(args.teacher_dtype, device)
+    cfg = engine.setup(args, strategy="response-kd", teacher_dtype=teacher_dtype)
+    datasets = common.build_datasets(cfg.data)
     class_weights = common.compute_class_weights(datasets["train"])
-    teacher = common.build_frozen_teacher(args, device)
+    teacher = distill.build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
     if not args.no_teacher_cache:
-        cache = common.TeacherLogitCache(teacher, datasets["train"], device, args.batch_size, args.workers,
-                                         args.teacher_dtype)
-        common.log(f"teacher-logit cache {cache.path}: {cache.size_mb:.1f} MB"
-                   + (f", built in {cache.build_s:.1f}s" if cache.build_s else " (reused)"))
-        datasets["train"].extra = cache
+        cache = distill.TeacherLogitCache(teacher, datasets["train"], device, args.batch_size, cfg.data.workers,
+                                          teacher_dtype)
+        log(f"teacher-logit cache {cache.path}: {cache.size_mb:.1f} MB"
+            + (f", built in {cache.build_s:.1f}s" if cache.build_s else " (reused)"))
+        datasets["train"].teacher_logits = cache
         teacher = None  # everything the loss needs from it is in the cache now
-    student = common.build_student(args.num_classes, pretrained=not args.no_pretrained)
+    student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
 
-    def compute_loss(batch):
-        logits = student(batch["image"])
+    def compute_loss(net, batch):
+        logits = net(batch["image"])
         if args.no_teacher_cache:
-            with torch.no_grad(), common.autocast(device, args.teacher_dtype):
+            with torch.no_grad(), engine.autocast(device, teacher_dtype):
                 teacher_logits = teacher(batch["image"].contiguous(memory_format=torch.channels_last)).float()
         else:
-            teacher_logits = common.cached_teacher_logits(batch)
+            teacher_logits = distill.cached_teacher_logits(batch)
         ce = criterion(logits, batch["mask"])
         kd = response_kd_loss(logits.float(), teacher_logits, batch["mask"], args.temperature)
         return args.ce_weight * ce + args.soft_target_weight * kd, {"ce": ce, "kd": kd}
 
-    common.fit(args, student, compute_loss, datasets, criterion, device)
+    return engine.train(student, compute_loss, datasets, criterion, cfg)
 
 
 if __name__ == "__main__":

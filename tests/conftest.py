@@ -7,14 +7,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 VOC_SAMPLE = os.path.join(REPO, "..", "shared", "voc_sample")
 
-import common  # noqa: E402
+import toy_voc  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A data dir holding the generated toy set (made once per test session)."""
     d = tmp_path_factory.mktemp("data")
-    common.make_toy_voc(os.path.join(d, "toy"))
+    toy_voc.make_toy_voc(os.path.join(d, "toy"))
     return str(d)
 
 

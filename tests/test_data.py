@@ -11,13 +11,14 @@ from PIL import Image
 from torchvision.datasets import VOCSegmentation
 
 import common
+import toy_voc
 from conftest import VOC_SAMPLE
 
 
 def test_toy_set_layout_and_determinism(data_dir, toy_root, tmp_path):
-    for split, n in common.TOY_SIZES.items():
+    for split, n in toy_voc.TOY_SIZES.items():
         assert len(common.read_split_ids(toy_root, split)) == n
-    again = common.make_toy_voc(str(tmp_path / "toy"))
+    again = toy_voc.make_toy_voc(str(tmp_path / "toy"))
     for image_id in ("toy_train_0000", "toy_val_0042"):
         a = np.asarray(Image.open(os.path.join(toy_root, "SegmentationClass", image_id + ".png")))
         b = np.asarray(Image.open(os.path.join(again, "SegmentationClass", image_id + ".png")))

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import common
+import distill
+import engine
 import train_baseline
 import train_feature_kd
 import train_response_kd
@@ -49,8 +51,7 @@ def test_frozen_teacher_gets_no_gradient_and_keeps_its_statistics(data_dir, toy_
     BatchNorm running statistics) stays exactly as loaded."""
     args = train_response_kd.get_args_parser().parse_args(
         small_run_args(data_dir, tmp_path / "run", "--teacher-weights", toy_teacher))
-    device = common.setup_run(args, "test")
-    teacher = common.build_frozen_teacher(args, device)
+    teacher = distill.build_frozen_teacher(args.teacher_weights, 21, torch.device("cpu"), "fp32")
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = common.build_student(21, pretrained=False)
     x, target = torch.randn(2, 3, 32, 32), torch.randint(0, 21, (2, 32, 32))
@@ -67,7 +68,6 @@ def test_feature_alignment_shapes_and_loss():
     torch.manual_seed(0)
     student = common.build_student(21, pretrained=False).eval()
     teacher = common.build_teacher(21, pretrained=False).eval()
-    adapters = train_feature_kd.build_adapters()
     x = torch.randn(2, 3, 64, 96)
     _, sf = student(x, return_features=True)
     _, tf = teacher(x, return_features=True, upsample=False)
@@ -106,8 +106,7 @@ def _toy_train_set(data_dir, tmp_path, limit=8):
     args = train_response_kd.get_args_parser().parse_args(
         ["--toy", "--data-dir", data_dir, "--image-size", "64", "--limit-train", str(limit), "--workers", "0",
          "--cache-dir", str(tmp_path / "cache")])
-    common.setup_run(args, "test")
-    return common.build_datasets(args, splits=("train",))[0]["train"]
+    return common.build_datasets(common.data_config(args), splits=("train",))["train"]
 
 
 # unit roundoff of each type: the cache stores fp16 (2^-11); a bf16 teacher computes with 2^-8
@@ -119,12 +118,12 @@ def test_cached_logits_equal_live_teacher_without_augmentation(precision, data_d
     teacher = common.load_model(toy_teacher)[0].eval()
     dataset = _toy_train_set(data_dir, tmp_path)
     cpu = torch.device("cpu")
-    cache = common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, precision)
+    cache = distill.TeacherLogitCache(teacher, dataset, cpu, 4, 0, precision)
     assert cache.build_s > 0 and cache.size_mb > 0
-    dataset.extra, dataset.augment = cache, False
+    dataset.teacher_logits, dataset.augment = cache, False
     batches = [common.collate([dataset[i] for i in range(k, k + 4)]) for k in (0, 4)]  # the cache's batches
-    cached = torch.cat([common.cached_teacher_logits(b) for b in batches])
-    with torch.no_grad(), common.autocast(cpu, precision):  # as train_response_kd.py --no-teacher-cache runs it
+    cached = torch.cat([distill.cached_teacher_logits(b) for b in batches])
+    with torch.no_grad(), engine.autocast(cpu, precision):  # as train_response_kd.py --no-teacher-cache runs it
         live = torch.cat([teacher(b["image"].contiguous(memory_format=torch.channels_last)).float() for b in batches])
     scale = live.abs().max().item()
     # fp16 storage (half an fp16 ulp) plus, in bf16, a few roundoffs from the live path's own bf16 upsampling and
@@ -143,7 +142,7 @@ def test_cached_logits_equal_live_teacher_without_augmentation(precision, data_d
     # with augmentation on, the cached logits follow the sample's crop/flip: same shape as the mask
     dataset.augment = True
     item = dataset[0]
-    warped = common.cached_teacher_logits(common.collate([item]))
+    warped = distill.cached_teacher_logits(common.collate([item]))
     assert warped.shape[-2:] == item["mask"].shape
 
 
@@ -151,18 +150,18 @@ def test_cache_is_reused_and_rebuilt_when_teacher_or_precision_changes(data_dir,
     teacher = common.load_model(toy_teacher)[0].eval()
     dataset = _toy_train_set(data_dir, tmp_path, limit=4)
     cpu = torch.device("cpu")
-    first = common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32")
-    again = common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32")
+    first = distill.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32")
+    again = distill.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32")
     assert first.build_s > 0 and again.build_s == 0.0
     before = again(0).clone()
-    bf16 = common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "bf16")  # a cache built in fp32 is not reused
+    bf16 = distill.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "bf16")  # a cache built in fp32 is not reused
     assert bf16.build_s > 0 and not torch.equal(bf16(0), before)
     meta = json.loads(open(bf16.path[:-4] + ".json").read())
     assert meta["teacher_dtype"] == "bf16"
-    assert common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32").build_s > 0  # nor the other way round
+    assert distill.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32").build_s > 0  # nor the other way round
     with torch.no_grad():
         teacher.classifier[4].bias += 1.0  # different weights -> different key
-    rebuilt = common.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32")
+    rebuilt = distill.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32")
     assert rebuilt.build_s > 0
     torch.testing.assert_close(rebuilt(0).float(), before.float() + 1.0, rtol=0, atol=1e-2)
 
@@ -190,9 +189,9 @@ def test_kd_cli_one_epoch_then_resume(module, extra, data_dir, toy_teacher, tmp_
     terms = {"response": {"train_loss_ce", "train_loss_kd"},
              "feature": {"train_loss_ce", "train_loss_feat_stage16", "train_loss_feat_head"}}
     assert terms["feature" if "feature" in script else "response"] <= set(history[-1])
-    ckpt = torch.load(out / "last.pth", weights_only=False)
+    ckpt = torch.load(out / "last.pth", weights_only=True)
     if "feature" in script:  # adapters saved for resume, but not in the deployable student
-        assert set(ckpt["extra"]) == {"stage16.weight", "stage16.bias", "head.weight", "head.bias"}
+        assert set(ckpt["adapters"]) == {"stage16.weight", "stage16.bias", "head.weight", "head.bias"}
     assert not any(k.startswith(("stage16", "layer")) for k in ckpt["model"])
     assert common.load_model(str(out / "best.pth"))[1] == "student"
 

@@ -48,4 +48,4 @@ def test_torchrun_two_processes(script, data_dir, tmp_path):
     assert again.stdout.count("resumed") == 1 and again.stdout.count("epoch   1 | train loss") == 1
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1]
-    assert torch.load(out / "last.pth", weights_only=False)["epoch"] == 1
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1

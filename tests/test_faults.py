@@ -1,5 +1,6 @@
 """Faults: SIGTERM inside an epoch and kill -9 both resume to exactly the uninterrupted history; non-finite
 losses stop (or skip) naming the batch and term; a full disk keeps the old checkpoint; a truncated JPEG is named."""
+import dataclasses
 import errno
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import common
+import engine
 import train_baseline
 import train_response_kd
 from conftest import REPO, assert_flag_refused, small_run_args
@@ -62,7 +64,7 @@ def test_sigterm_inside_an_epoch_saves_and_resumes_exactly(data_dir, tmp_path, r
     out = tmp_path / "run"
     code, stderr = _start_and_signal(data_dir, out, signal.SIGTERM)
     assert code == 1 and "interrupted by SIGTERM" in stderr and "--resume" in stderr
-    ckpt = torch.load(out / "last.pth", weights_only=False)
+    ckpt = torch.load(out / "last.pth", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["partial"]["epoch"] == 1 and 1 <= ckpt["partial"]["step"] < 8
     _resume_and_compare(data_dir, out, reference)
 
@@ -92,7 +94,7 @@ def test_kill_9_keeps_a_complete_checkpoint_and_resumes(data_dir, tmp_path, refe
     out = tmp_path / "run"
     code, _ = _start_and_signal(data_dir, out, signal.SIGKILL)
     assert code == -signal.SIGKILL
-    assert torch.load(out / "last.pth", weights_only=False)["epoch"] == 0  # intact, loadable
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 0  # intact, loadable
     _resume_and_compare(data_dir, out, reference)
 
 
@@ -100,33 +102,41 @@ def _batches(n):
     return [{"image": torch.zeros(2, 1), "mask": torch.zeros(2, 1)} for _ in range(n)]
 
 
+def _loop_config(**changes):
+    """A TrainConfig for calling engine.train_one_epoch directly on CPU."""
+    cfg = engine.TrainConfig(strategy="test", device=torch.device("cpu"), data=None, out_dir="", resume=None, epochs=1,
+                             batch_size=2, lr=0.1, weight_decay=0.0, lr_factor=0.5, lr_patience=5, save_every=1,
+                             precision="fp32", accumulate=1, channels_last=False, sync_bn=False, skip_nonfinite=False,
+                             log_every=20, flags={})
+    return dataclasses.replace(cfg, **changes)
+
+
 def test_non_finite_loss_stops_naming_batch_and_term_or_is_skipped():
     weight = torch.nn.Parameter(torch.ones(1))
     opt = torch.optim.SGD([weight], lr=0.1)
 
-    def compute_loss(batch):
+    def compute_loss(net, batch):
         compute_loss.calls += 1
         kd = weight * (float("nan") if compute_loss.calls == 2 else 1.0)
         ce = weight * 2
         return ce + kd, {"ce": ce, "kd": kd}
     compute_loss.calls = 0
-    model = torch.nn.Linear(1, 1)
+    net = torch.nn.ParameterList([weight])
     with pytest.raises(SystemExit, match=r"non-finite loss at epoch 3 batch 1 \(terms: kd\)"):
-        common.train_one_epoch(model, compute_loss, _batches(3), opt, torch.device("cpu"), "fp32", 3, None,
-                               common.new_progress())
+        engine.train_one_epoch(net, compute_loss, _batches(3), opt, None, engine.EpochProgress(3), _loop_config())
     compute_loss.calls = 0
     weight.data.fill_(1.0)
-    with pytest.warns(UserWarning, match="skipping batch 1"):
-        progress = common.train_one_epoch(model, compute_loss, _batches(3), opt, torch.device("cpu"), "fp32", 3, None,
-                                          common.new_progress(), skip_nonfinite=True)
-    assert progress["step"] == 3 and progress["skipped"] == 1 and progress["n_images"] == 4
+    progress = engine.EpochProgress(3)
+    with pytest.warns(UserWarning, match="non-finite loss at batch 1; its optimizer step is skipped"):
+        engine.train_one_epoch(net, compute_loss, _batches(3), opt, None, progress, _loop_config(skip_nonfinite=True))
+    assert progress.step == 3 and progress.skipped == 1 and progress.images == 4
     # batches 0 and 2 trained (2 images each): kd = w = 1.0, then 1.0 - 0.1 * d(3w)/dw = 0.7
-    assert progress["totals"]["kd"] == pytest.approx(2 * 1.0 + 2 * 0.7)
+    assert progress.totals["kd"] == pytest.approx(2 * 1.0 + 2 * 0.7) and weight.item() == pytest.approx(0.4)
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
-    common.save_checkpoint({"epoch": 1}, str(path))
+    engine.save_checkpoint({"epoch": 1}, str(path))
 
     def no_space(obj, f):
         with open(f, "wb") as fh:
@@ -134,9 +144,9 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(SystemExit, match="no space left on the device writing .*last.pth.*intact"):
-        common.save_checkpoint({"epoch": 2}, str(path))
+        engine.save_checkpoint({"epoch": 2}, str(path))
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"epoch": 1}
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["last.pth"]
 
 
@@ -159,11 +169,11 @@ def test_gradient_accumulation_equals_the_large_batch():
         model.load_state_dict(reference_state)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
-        def compute_loss(batch):
-            mse = torch.nn.functional.mse_loss(model(batch["image"]), batch["mask"])
+        def compute_loss(net, batch):
+            mse = torch.nn.functional.mse_loss(net(batch["image"]), batch["mask"])
             return mse, {"mse": mse}
-        common.train_one_epoch(model, compute_loss, batches, opt, torch.device("cpu"), "fp32", 0, None,
-                               common.new_progress(), accumulate=accumulate)
+        engine.train_one_epoch(model, compute_loss, batches, opt, None, engine.EpochProgress(0),
+                               _loop_config(accumulate=accumulate))
         return model.weight.detach().clone()
     reference_state = torch.nn.Linear(3, 1).state_dict()
     big = run([{"image": x[:4], "mask": y[:4]}, {"image": x[4:], "mask": y[4:]}], accumulate=1)

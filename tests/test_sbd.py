@@ -59,8 +59,7 @@ def test_train_set_flag_builds_the_trainaug_split(data_dir, toy_root, tmp_path):
     args.toy = False
     os.makedirs(tmp_path / "VOCdevkit")
     os.symlink(toy_root, tmp_path / "VOCdevkit" / "VOC2012")
-    common.setup_run(args, "test")
-    datasets, _ = common.build_datasets(args, splits=("train",))
+    datasets = common.build_datasets(common.data_config(args), splits=("train",))
     assert len(datasets["train"]) == len(common.read_split_ids(toy_root, "train")) + len(new)
 
 

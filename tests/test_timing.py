@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from student_model import upsample_bilinear
-
 import common
 import evaluate
 import time_student
 import time_teacher
+import timing
+from student_model import upsample_bilinear
 
 # max |backend - eager| / max |eager|: fp32 backends only reorder sums; bf16 rounds every op to 2^-8
 TOLERANCE = {"channels_last": 1e-4, "compile": 1e-3, "onnxruntime": 1e-3, "bf16": 8 * 2.0 ** -8}
@@ -36,13 +36,13 @@ class TinySegNet(torch.nn.Module):
         return upsample_bilinear(self.body(x), x.shape[-2:])
 
 
-@pytest.mark.parametrize("backend", [b for b in common.TIMING_BACKENDS if b != "eager"])
+@pytest.mark.parametrize("backend", [b for b in timing.TIMING_BACKENDS if b != "eager"])
 def test_backend_matches_eager_on_cpu(backend, student):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     model = TinySegNet().eval() if backend == "compile" else student
     try:
-        fn = common.prepare_backend(model, backend, torch.device("cpu"), 64)
-    except common.BackendUnavailable as e:
+        fn = timing.prepare_backend(model, backend, torch.device("cpu"), 64)
+    except timing.BackendUnavailable as e:
         assert backend == "fp16", f"{backend} must run on every CPU: {e}"
         pytest.skip(f"{backend}: {e}")
     with torch.inference_mode():
@@ -56,8 +56,8 @@ def test_backend_matches_eager_on_cpu(backend, student):
 
 
 def test_fp16_is_refused_on_cpu(student):
-    with pytest.raises(common.BackendUnavailable, match="CUDA"):
-        common.prepare_backend(student, "fp16", torch.device("cpu"), 64)
+    with pytest.raises(timing.BackendUnavailable, match="CUDA"):
+        timing.prepare_backend(student, "fp16", torch.device("cpu"), 64)
     with pytest.raises(SystemExit, match="--backend fp16: none of them can run here"):
         time_student.main(time_student.get_args_parser().parse_args(
             ["--backend", "fp16", "--device", "cpu", "--no-miou", "--image-size", "64"]))
@@ -105,7 +105,7 @@ def test_measure_latency_counts_runs_per_function():
         def fn(x):
             calls[name] += 1
         return fn
-    times = common.measure_latency({"a": count("a"), "b": count("b")}, None, 1, {"a": 6, "b": 3}, torch.device("cpu"),
+    times = timing.measure_latency({"a": count("a"), "b": count("b")}, None, 1, {"a": 6, "b": 3}, torch.device("cpu"),
                                    rounds=3)
     assert len(times["a"]) == 6 and len(times["b"]) == 3 and all(t >= 0 for t in times["a"] + times["b"])
     # each function also ran its warm-up call and one untimed call per round
@@ -177,5 +177,5 @@ def test_onnx_export_round_trip(tmp_path, student):
 def test_timing_scripts_refuse_the_other_architecture(tmp_path, student):
     weights = tmp_path / "student.pth"
     torch.save(student.state_dict(), weights)
-    with pytest.raises(SystemExit, match="use time_student.py"):
+    with pytest.raises(SystemExit, match="holds a student, not a teacher checkpoint"):
         time_teacher.main(time_teacher.get_args_parser().parse_args(["--weights", str(weights), "--no-miou"]))

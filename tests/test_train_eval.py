@@ -44,7 +44,7 @@ def test_baseline_cli_writes_every_output(trained_run):
     assert [h["epoch"] for h in history] == [0, 1]
     assert HISTORY_KEYS <= set(history[0])
     assert 0 <= history[-1]["val_miou"] <= 1 and 0 <= history[-1]["data_wait_frac"] <= 1
-    ckpt = torch.load(trained_run / "last.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(trained_run / "last.pth", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "scheduler", "epoch", "best_miou", "history", "args", "arch", "num_classes"} <= set(ckpt)
     assert ckpt["best_miou"] == max(h["val_miou"] for h in history)
     assert Image.open(trained_run / "loss.png").size[0] > 100
@@ -61,8 +61,8 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     for ra, rb in zip(a, b):
         for key in ("train_loss", "val_loss", "val_miou", "val_pixel_acc", "lr"):
             assert ra[key] == rb[key], (ra["epoch"], key)
-    sa = torch.load(full / "last.pth", weights_only=False)["model"]
-    sb = torch.load(parts / "last.pth", weights_only=False)["model"]
+    sa = torch.load(full / "last.pth", weights_only=True)["model"]
+    sb = torch.load(parts / "last.pth", weights_only=True)["model"]
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
 

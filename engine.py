@@ -1,0 +1,598 @@
+"""The training loop every train_*.py shares, in the order a run goes through it (train()):
+
+1. set-up (setup()): device and process group, seeds, precision, run folder, --resume path: a frozen TrainConfig;
+2. Adam + ReduceLROnPlateau on val mIoU (+ a GradScaler for fp16), built in train() where you can see them;
+3. --resume: restore_checkpoint() puts back what make_checkpoint() saved, including a half-done epoch (EpochProgress);
+4. per epoch: train_one_epoch() over that epoch's batches (DDP under torchrun), evaluate() on val, scheduler step;
+5. rank 0 writes last.pth / best.pth / epoch_NNN.pth (atomically), history.json, config.json and the plots.
+
+A SIGINT/SIGTERM lets the current batch finish, saves an exact mid-epoch checkpoint and exits; --resume then
+continues with the same batches and random numbers, so the history equals an uninterrupted run's.
+"""
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from distributed import (all_reduce_sum, broadcast_buffers, broadcast_object, init_distributed, is_distributed,
+                         is_main, log, rank, world_size)
+
+# ---------------------------------------------------------------------------------------------
+# Precision: a recorded choice, never a side effect of the host
+# ---------------------------------------------------------------------------------------------
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def low_precision(device):
+    """The 16-bit type a device runs best: bf16 on CUDA where supported (else fp16), bf16 on CPU (native on
+    AVX512-BF16/AMX CPUs, emulated elsewhere, with the same rounding either way)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
+def resolve_amp(amp, device):
+    """--amp as given ('auto', 'bf16', 'fp16' or None) -> the autocast type this run uses ('fp32' = off)."""
+    if amp is None:
+        return "fp32"
+    return low_precision(device) if amp == "auto" else amp
+
+
+def autocast(device, precision):
+    """Autocast to precision ('bf16'/'fp16') on device; 'fp32' runs in full precision."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def add_amp_arg(parser):
+    parser.add_argument("--amp", nargs="?", const="auto", choices=("auto", "bf16", "fp16"), default=None,
+                        help="mixed precision (autocast): bf16, or fp16 with a gradient scaler; --amp alone picks bf16 "
+                             "where the device supports it (CPU, recent GPUs), else fp16 (default: off, fp32)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and set-up
+# ---------------------------------------------------------------------------------------------
+
+def add_training_args(parser, default_epochs=50):
+    """Flags of the shared training loop (every train_*.py)."""
+    common.add_data_args(parser)
+    pos_int, pos_float, nonneg_int, nonneg_float = (common.positive_int, common.positive_float,
+                                                    common.non_negative_int, common.non_negative_float)
+    parser.add_argument("--epochs", type=pos_int, default=default_epochs, help="epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=pos_int, default=16, help="batch size per process (default: %(default)s)")
+    parser.add_argument("--lr", type=pos_float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=nonneg_float, default=1e-5, help="Adam weight decay (default: %(default)s)")
+    parser.add_argument("--lr-factor", type=common.fraction, default=0.5,
+                        help="ReduceLROnPlateau factor on val mIoU, in (0, 1) (default: %(default)s)")
+    parser.add_argument("--lr-patience", type=nonneg_int, default=5,
+                        help="ReduceLROnPlateau patience in epochs (default: %(default)s)")
+    parser.add_argument("--limit-train", type=pos_int, default=None, help="use only the first N train images")
+    parser.add_argument("--train-set", choices=("train", "trainaug"), default="train", help="VOC 2012 train (1,464 "
+                        "images) or trainaug: + SBD, minus VOC val (10,582) (default: %(default)s)")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="start from random weights instead of torchvision's pretrained ones")
+    parser.add_argument("--out-dir", default=None,
+                        help="run folder for checkpoints, history and plots (default: checkpoints/<strategy>_<time>)")
+    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                        help="continue a run from PATH (no PATH: OUT_DIR/last.pth)")
+    parser.add_argument("--save-every", type=pos_int, default=5,
+                        help="also keep epoch_NNN.pth every N epochs (default: %(default)s)")
+    add_amp_arg(parser)
+    parser.add_argument("--accumulate", type=pos_int, default=1, help="optimizer step every N batches, "
+                        "gradients accumulated: batch 16 as 4 x 4 on a small GPU (default: %(default)s)")
+    parser.add_argument("--channels-last", action="store_true", help="train in channels_last memory format "
+                        "(faster convolutions on recent GPUs)")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="synchronise BatchNorm statistics across torchrun processes (CUDA only)")
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="skip optimizer steps whose gradients are NaN/inf (default: stop the run, naming the batch "
+                             "and loss term)")
+    parser.add_argument("--log-every", type=pos_int, default=20, help="optimizer steps between reads of the running "
+                        "loss (progress bar, NaN check, stop requests under torchrun) (default: %(default)s)")
+    return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything the loop needs, resolved once from the command line by setup()."""
+    strategy: str
+    device: torch.device
+    data: common.DataConfig
+    out_dir: str
+    resume: str | None
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    lr_factor: float
+    lr_patience: int
+    save_every: int
+    precision: str
+    accumulate: int
+    channels_last: bool
+    sync_bn: bool
+    skip_nonfinite: bool
+    log_every: int
+    flags: dict  # every flag as resolved: config.json and the checkpoint's "args"
+
+
+def setup(args, strategy, **resolved):
+    """Device (and process group), seeds, precision and run folder of a training run. resolved: more resolved
+    values to record with the flags (e.g. teacher_dtype)."""
+    device = init_distributed(args.device)
+    data = common.data_config(args)
+    precision = resolve_amp(args.amp, device)
+    if args.sync_bn and device.type != "cuda":
+        raise SystemExit("error: --sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop it on CPU")
+    out_dir, resume = resolve_run_folder(args.out_dir, args.resume, strategy)
+    seed_everything(args.seed)
+    flags = dict(vars(args), strategy=strategy, out_dir=out_dir, resume=resume, amp=precision,
+                 image_size=data.image_size, cache_dir=data.cache_dir, **resolved)
+    return TrainConfig(strategy, device, data, out_dir, resume, args.epochs, args.batch_size, args.lr,
+                       args.weight_decay, args.lr_factor, args.lr_patience, args.save_every, precision,
+                       args.accumulate, args.channels_last, args.sync_bn, args.skip_nonfinite, args.log_every, flags)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_run_folder(out_dir, resume, strategy):
+    """(run folder, checkpoint to resume or None) from --out-dir / --resume; refuses to overwrite a run."""
+    if resume:  # an explicit checkpoint path decides the run folder unless --out-dir says otherwise
+        if not os.path.isfile(resume):
+            raise SystemExit(f"error: --resume {resume}: no such checkpoint")
+        out_dir = out_dir or os.path.dirname(os.path.abspath(resume))
+    if out_dir is None:
+        if resume is not None:
+            raise SystemExit("error: --resume without PATH needs --out-dir (the run folder holding last.pth)")
+        out_dir = broadcast_object(os.path.join("checkpoints", f"{strategy}_{datetime.datetime.now():%Y%m%d-%H%M%S}"))
+    if resume == "":
+        resume = os.path.join(out_dir, "last.pth")
+        if not os.path.isfile(resume):
+            raise SystemExit(f"error: --resume: {resume} does not exist; nothing to resume in --out-dir {out_dir}")
+    elif resume is None and os.path.isfile(os.path.join(out_dir, "last.pth")):
+        raise SystemExit(f"error: --out-dir {out_dir} already holds a run (last.pth); pass --resume to "
+                         f"continue it or choose another --out-dir")
+    os.makedirs(out_dir, exist_ok=True)
+    return out_dir, resume
+
+
+# ---------------------------------------------------------------------------------------------
+# Data loading and evaluation
+# ---------------------------------------------------------------------------------------------
+
+def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, skip_batches=0):
+    """Batches of dataset, this process's share of them; shuffle uses generator's permutation (drop_last), of which
+    the first skip_batches batches are left out (resuming inside an epoch gives exactly the batches left)."""
+    world, r = world_size(), rank()
+    drop_last = shuffle and len(dataset) > batch_size * world
+    if shuffle:  # one permutation for all ranks; rank r takes every world-th index (DistributedSampler's split)
+        order = torch.randperm(len(dataset), generator=generator).tolist()
+        if drop_last:
+            order = order[:len(order) // (batch_size * world) * batch_size * world]
+        sampler = order[r::world][skip_batches * batch_size:]
+    else:
+        sampler = list(range(r, len(dataset), world))
+    # an explicit generator also keeps the loader from drawing its worker seed from the global RNG, which would
+    # shift dropout's random stream between an uninterrupted and a resumed run
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       collate_fn=common.collate, drop_last=drop_last, pin_memory=False,
+                                       generator=generator if generator is not None else torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, num_classes, criterion=None, precision="fp32", on_prediction=None):
+    """Metrics of model over loader (all-reduced under torchrun). Logits are resized to each mask's size (the image's
+    original resolution unless --eval-size) before argmax. on_prediction(index, pred uint8 HxW) sees each image."""
+    model.eval()
+    confmat = common.ConfusionMatrix(num_classes)
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync per image
+    for batch in loader:
+        with autocast(device, precision):
+            logits = model(batch["image"].to(device, non_blocking=True)).float()
+        masks = batch["mask"] if isinstance(batch["mask"], list) else list(batch["mask"])
+        for j, mask in enumerate(masks):
+            mask = mask.to(device)
+            up = F.interpolate(logits[j:j + 1], size=mask.shape[-2:], mode="bilinear", align_corners=False)
+            pred = up.argmax(1)[0]
+            confmat.update(mask, pred)
+            if criterion is not None:  # an all-ignore mask has no loss (0/0); a diverged model's NaN stays NaN
+                loss = criterion(up, mask[None]).double()
+                loss_sum += torch.where((mask != common.IGNORE_INDEX).any(), loss, 0.0)
+            n += 1
+            if on_prediction is not None:
+                on_prediction(int(batch["index"][j]), pred.to(torch.uint8).cpu().numpy())
+    confmat.all_reduce()
+    metrics = confmat.compute()
+    loss_sum, n = all_reduce_sum([float(loss_sum), n], device)
+    metrics.update(loss=loss_sum / max(n, 1), num_images=int(n), confusion=confmat.mat)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class EpochProgress:
+    """Where a run stands inside an epoch; saved in last.pth when a run is stopped mid-epoch."""
+    epoch: int
+    step: int = 0             # batches done
+    images: int = 0           # images whose loss counted (skipped steps excluded)
+    seconds: float = 0.0
+    wait: float = 0.0         # seconds spent waiting for the loader
+    skipped: int = 0          # optimizer steps skipped for non-finite gradients (--skip-nonfinite)
+    totals: dict = dataclasses.field(default_factory=dict)  # loss term -> sum over images
+
+
+class DeviceSums:
+    """Loss-term sums of an epoch kept on the device, so a step never waits for the GPU; read() syncs once."""
+
+    def __init__(self, progress, device):
+        self.device = device
+        self.totals = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in progress.totals.items()}
+        self.images = torch.tensor(progress.images, dtype=torch.float64, device=device)
+        self.first_bad = torch.tensor(-1, device=device)  # first batch with a non-finite loss
+        self.bad_terms = {}
+
+    def add(self, step, loss, terms, batch_size):
+        finite = torch.isfinite(loss).all()
+        first_bad = ~finite & (self.first_bad < 0)  # the terms named are those of the first bad batch
+        for k, v in {"loss": loss, **terms}.items():
+            v = v.detach().double().sum()  # (a scalar; sum() also takes a one-element tensor)
+            self.totals[k] = self.totals.get(k, 0) + torch.where(finite, v * batch_size, 0.0)
+            self.bad_terms[k] = self.bad_terms.get(k, False) | (first_bad & ~torch.isfinite(v))
+        self.images += finite * batch_size
+        self.first_bad = torch.where(first_bad, step, self.first_bad)
+
+    def read(self, progress):
+        progress.totals = {k: float(v) for k, v in self.totals.items()}
+        progress.images = int(self.images)
+        return int(self.first_bad)
+
+
+def train_one_epoch(net, compute_loss, loader, optimizer, scaler, progress, cfg, stop=None):
+    """Train over loader, continuing progress. No host sync per batch: loss terms add up on the device and are read
+    every cfg.log_every optimizer steps, where a non-finite loss and (under torchrun) a stop request are acted on.
+    Returns True if the epoch ran to its end, False if a stop request ended it early."""
+    net.train()
+    stop = stop if stop is not None else StopRequest()  # (not installed: never set)
+    sums, t0, end = DeviceSums(progress, cfg.device), time.perf_counter(), progress.step + len(loader)
+    bar = tqdm(total=end, initial=progress.step, desc=f"epoch {progress.epoch}", leave=False, dynamic_ncols=True,
+               disable=not is_main())
+    t_wait, steps = time.perf_counter(), 0
+    for i, batch in enumerate(loader, start=1):
+        progress.wait += time.perf_counter() - t_wait
+        batch = {k: v.to(cfg.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if cfg.channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        step_now = i % cfg.accumulate == 0 or i == len(loader)
+        with contextlib.nullcontext() if step_now or not is_distributed() else net.no_sync():
+            with autocast(cfg.device, cfg.precision):
+                loss, terms = compute_loss(net, batch)
+            ((scaler.scale(loss) if scaler is not None else loss) / cfg.accumulate).backward()
+        sums.add(progress.step, loss, terms, batch["image"].shape[0])
+        progress.step += 1
+        bar.update()
+        if step_now:
+            steps += 1
+            progress.skipped += optimizer_step(net, optimizer, scaler, cfg.skip_nonfinite)
+            if steps % cfg.log_every == 0 or i == len(loader) or (stop.signal and not is_distributed()):
+                if sync_point(sums, progress, bar, stop, cfg, t0):
+                    break
+        t_wait = time.perf_counter()
+    bar.close()
+    progress.seconds += time.perf_counter() - t0
+    sums.read(progress)
+    return progress.step == end
+
+
+def optimizer_step(net, optimizer, scaler, skip_nonfinite):
+    """One optimizer step (through the scaler for fp16); with skip_nonfinite, a step whose gradients (the same on
+    every rank after DDP's all-reduce) are not finite is skipped. Returns 1 if skipped, else 0."""
+    skipped = 0
+    if skip_nonfinite and scaler is None:  # (the fp16 scaler skips such steps by itself)
+        params = [p for p in net.parameters() if p.grad is not None]
+        skipped = int(not torch.isfinite(nn.utils.clip_grad_norm_(params, float("inf"))))  # a sync: only with the flag
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    elif not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
+def sync_point(sums, progress, bar, stop, cfg, t0):
+    """Read the device sums: stop the run on a non-finite loss (unless --skip-nonfinite), show the running loss.
+    Returns True if every rank is to stop after this step (a SIGINT/SIGTERM on any of them)."""
+    first_bad = sums.read(progress)
+    bad, stopping = all_reduce_sum([first_bad >= 0, stop.signal is not None], cfg.device)
+    stop.agreed = stopping > 0
+    if bad and not cfg.skip_nonfinite:
+        terms = ", ".join(k for k, v in sums.bad_terms.items() if k != "loss" and bool(v)) or "total"
+        where = f"batch {first_bad}" if first_bad >= 0 else "a batch of another process"
+        raise SystemExit(f"error: non-finite loss at epoch {progress.epoch} {where} (terms: {terms}); the last good "
+                         f"checkpoint is kept. Lower --lr, check the data, or pass --skip-nonfinite")
+    if bad and first_bad >= 0:
+        warnings.warn(f"epoch {progress.epoch}: non-finite loss at batch {first_bad}; its optimizer step is skipped "
+                      f"(--skip-nonfinite)")
+        sums.first_bad.fill_(-1)
+        sums.bad_terms = {}
+    seconds = progress.seconds + time.perf_counter() - t0
+    bar.set_postfix(loss=f"{progress.totals.get('loss', 0.0) / max(progress.images, 1):.4f}",
+                    img_s=f"{progress.images / max(seconds, 1e-9):.1f}")
+    return stop.agreed
+
+
+def epoch_stats(progress, device):
+    """The train_* entries of an epoch's history record, loss terms summed over all ranks."""
+    keys = sorted(progress.totals)
+    summed = all_reduce_sum([progress.totals[k] for k in keys] + [progress.images], device)
+    n, seconds = max(summed[-1], 1), max(progress.seconds, 1e-9)
+    stats = {("train_loss" if k == "loss" else f"train_loss_{k}"): v / n for k, v in zip(keys, summed)}
+    stats.update(train_s=seconds, train_img_s=summed[-1] / seconds, data_wait_frac=progress.wait / seconds,
+                 skipped_steps=progress.skipped)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: one function writes the dict, one restores it
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunState:
+    """What a run carries from epoch to epoch."""
+    epoch: int = 0                    # the next epoch to run
+    best_miou: float | None = None
+    history: list = dataclasses.field(default_factory=list)
+    partial: EpochProgress | None = None  # a half-done epoch (after a stop request)
+
+
+def make_checkpoint(model, adapters, optimizer, scheduler, scaler, state, cfg, arch):
+    """The checkpoint dict: tensors and plain Python types only, so it loads with torch.load(weights_only=True)."""
+    return {"model": model.state_dict(), "adapters": adapters.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": state.epoch - 1, "best_miou": state.best_miou, "history": state.history,
+            "partial": dataclasses.asdict(state.partial) if state.partial is not None else None,
+            "args": cfg.flags, "arch": arch, "num_classes": cfg.data.num_classes,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(cfg.device) if cfg.device.type == "cuda" else None}}
+
+
+def restore_checkpoint(path, model, adapters, optimizer, scheduler, scaler, cfg, arch):
+    """Put back everything make_checkpoint() saved; returns the RunState to continue from."""
+    ckpt = common.read_checkpoint(path, "--resume")
+    for key, have in (("arch", arch), ("num_classes", cfg.data.num_classes), ("strategy", cfg.strategy)):
+        was = ckpt.get(key) if key != "strategy" else ckpt.get("args", {}).get("strategy")
+        if was != have:
+            raise SystemExit(f"error: --resume {path} is a run with {key}={was}, this one has {key}={have}; "
+                             f"resume with the same flags or start a new --out-dir")
+    model.load_state_dict(ckpt["model"])
+    adapters.load_state_dict(ckpt["adapters"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if cfg.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], cfg.device)
+    partial = EpochProgress(**ckpt["partial"]) if ckpt.get("partial") else None
+    if partial is not None and not is_main():  # the saved sums are rank 0's; each rank adds its own from here
+        partial = dataclasses.replace(partial, totals={}, images=0, wait=0.0)
+    state = RunState(ckpt["epoch"] + 1, ckpt["best_miou"], ckpt["history"], partial)
+    best = "none yet" if state.best_miou is None else f"{100 * state.best_miou:.2f}"
+    log(f"resumed {path} at epoch {state.epoch}" + (f" batch {partial.step}" if partial else "") + f" (best mIoU {best})")
+    return state
+
+
+def save_checkpoint(obj, path):
+    common.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_copy(src, dst):
+    common.atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+class TrainModule(nn.Module):
+    """The network and its training-only modules (feature-KD adapters) as one module, so DDP averages every
+    trainable parameter's gradient; calling it calls the network (keyword arguments pass through)."""
+
+    def __init__(self, model, adapters):
+        super().__init__()
+        self.model, self.adapters = model, adapters
+
+    def forward(self, x, **kwargs):
+        return self.model(x, **kwargs)
+
+
+def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
+    """Train model (student or teacher) with compute_loss(net, batch) -> (loss, {term: value}); adapters train with
+    it and are saved beside it. Returns the history."""
+    arch = "teacher" if isinstance(model, common.Teacher) else "student"
+    adapters = adapters if adapters is not None else nn.ModuleDict()
+    if cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    adapters.to(cfg.device)
+    params = [p for p in list(model.parameters()) + list(adapters.parameters()) if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_factor,
+                                                           patience=cfg.lr_patience)
+    scaler = torch.amp.GradScaler(cfg.device.type) if cfg.precision == "fp16" else None  # bf16 has fp32's range
+    state = RunState()
+    if cfg.resume:
+        state = restore_checkpoint(cfg.resume, model, adapters, optimizer, scheduler, scaler, cfg, arch)
+    net = TrainModule(model, adapters)
+    if is_distributed():
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[cfg.device] if cfg.device.type == "cuda" else None)
+    if is_main():
+        common.write_json(os.path.join(cfg.out_dir, "config.json"), cfg.flags)
+    val_loader = make_loader(datasets["val"], cfg.batch_size, cfg.data.workers)
+    log(f"{arch}: {common.count_params(model):,} parameters | train {len(datasets['train'])} val "
+        f"{len(datasets['val'])} images | device {cfg.device} x {world_size()} process(es) | precision {cfg.precision} "
+        f"| out {cfg.out_dir}")
+    save = (model, adapters, optimizer, scheduler, scaler)
+    with StopRequest() as stop:
+        for epoch in range(state.epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            progress = state.partial if state.partial is not None else EpochProgress(epoch)
+            datasets["train"].set_epoch(epoch)
+            loader = make_loader(datasets["train"], cfg.batch_size, cfg.data.workers, shuffle=True,
+                                 generator=torch.Generator().manual_seed(cfg.data.seed * 100003 + epoch),
+                                 skip_batches=progress.step)
+            seconds_before = progress.seconds
+            if not train_one_epoch(net, compute_loss, loader, optimizer, scaler, progress, cfg, stop):
+                state.partial = progress  # stopped inside the epoch: save exactly where we are
+                finish_interrupted(save, state, cfg, arch, stop, f"at epoch {epoch} batch {progress.step}")
+            broadcast_buffers(model)
+            metrics = evaluate(model, val_loader, cfg.device, cfg.data.num_classes, criterion, cfg.precision)
+            scheduler.step(metrics["miou"])
+            record = {"epoch": epoch, **epoch_stats(progress, cfg.device), "val_loss": metrics["loss"],
+                      "val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"],
+                      "val_mean_class_acc": metrics["mean_class_acc"], "lr": optimizer.param_groups[0]["lr"],
+                      "epoch_s": seconds_before + time.perf_counter() - t0}
+            end_epoch(save, state, record, cfg, arch)
+            if stop.agreed or (stop.signal and not is_distributed()):
+                finish_interrupted(save, state, cfg, arch, stop, f"after epoch {epoch}", saved=True)
+    best = "none" if state.best_miou is None else f"{100 * state.best_miou:.2f}"
+    log(f"done: best val mIoU {best} -> {os.path.join(cfg.out_dir, 'best.pth')}")
+    if is_distributed():
+        torch.distributed.barrier()  # nobody leaves before rank 0 has written the last files
+    return state.history
+
+
+def end_epoch(save, state, record, cfg, arch):
+    """Add the epoch to the history; rank 0 writes last.pth (and best/periodic copies), history.json and plots."""
+    state.history.append(record)
+    state.epoch, state.partial = record["epoch"] + 1, None
+    is_best = state.best_miou is None or record["val_miou"] > state.best_miou
+    if is_best:
+        state.best_miou = record["val_miou"]
+    if not is_main():  # only rank 0 writes; the others hold the same weights
+        return
+    last = os.path.join(cfg.out_dir, "last.pth")
+    save_checkpoint(make_checkpoint(*save, state, cfg, arch), last)
+    if state.epoch % cfg.save_every == 0:
+        atomic_copy(last, os.path.join(cfg.out_dir, f"epoch_{state.epoch:03d}.pth"))
+    if is_best:
+        atomic_copy(last, os.path.join(cfg.out_dir, "best.pth"))
+    common.write_json(os.path.join(cfg.out_dir, "history.json"), state.history)
+    with open(os.path.join(cfg.out_dir, "history.json")) as f:
+        plot_history(json.load(f), cfg.out_dir)
+    print(format_epoch(record), flush=True)
+
+
+def finish_interrupted(save, state, cfg, arch, stop, where, saved=False):
+    """Save a resumable checkpoint (unless the epoch's end just did) and exit naming how to continue."""
+    last = os.path.join(cfg.out_dir, "last.pth")
+    if is_main() and not saved:
+        save_checkpoint(make_checkpoint(*save, state, cfg, arch), last)
+    raise SystemExit(f"interrupted by {stop.signal}: saved {last} {where}; continue with the same command plus --resume")
+
+
+def format_epoch(rec):
+    parts = " ".join(f"{k[len('train_loss_'):]} {v:.4f}" for k, v in rec.items() if k.startswith("train_loss_"))
+    return (f"epoch {rec['epoch']:3d} | train loss {rec['train_loss']:.4f} ({parts}) | val loss {rec['val_loss']:.4f} "
+            f"mIoU {100 * rec['val_miou']:.2f} pixel acc {100 * rec['val_pixel_acc']:.2f} | lr {rec['lr']:.2e} | "
+            f"{rec['epoch_s']:.1f}s {rec['train_img_s']:.1f} img/s data wait {100 * rec['data_wait_frac']:.0f}%")
+
+
+class StopRequest:
+    """SIGINT/SIGTERM while training: the first lets the loop finish its batch, save a resumable checkpoint and
+    exit; a second exits at once."""
+
+    def __init__(self):
+        self.signal, self._previous = None, {}
+        self.agreed = False  # every process knows of a stop request (set where the loop syncs)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr)
+            os._exit(128 + signum)
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: saving a resumable checkpoint after this batch (send it again to exit at once)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots, always drawn from history.json
+# ---------------------------------------------------------------------------------------------
+
+def plot_history(history, out_dir):
+    """loss.png and miou.png of a run, drawn from its history (as written to history.json)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    for key in sorted(history[-1]):
+        if key.startswith("train_loss_"):
+            ax.plot(epochs, [h[key] for h in history], ".--", label=key.replace("train_loss_", "train: "))
+    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="val loss (weighted CE)")
+    finish_plot(fig, ax, "loss", "Loss", os.path.join(out_dir, "loss.png"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [100 * h["val_miou"] for h in history], "o-", label="val mIoU")
+    ax.plot(epochs, [100 * h["val_pixel_acc"] for h in history], "s--", label="val pixel acc")
+    finish_plot(fig, ax, "%", "Validation", os.path.join(out_dir, "miou.png"))
+
+
+def plot_runs_miou(histories, path):
+    """Val mIoU per epoch of several runs ({label: history}) in one chart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, history in histories.items():
+        ax.plot([h["epoch"] for h in history], [100 * h["val_miou"] for h in history], "o-", label=label)
+    finish_plot(fig, ax, "val mIoU (%)", "Validation mIoU per run", path, legend_size=7)
+
+
+def finish_plot(fig, ax, ylabel, title, path, legend_size=None):
+    """Integer epoch ticks, grid, legend; save and close."""
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
