@@ -134,70 +134,6 @@ def resolve_data_root(data_dir, toy, download):
     return root
 
 
-# SBD (Hariharan et al. 2011): 11,355 VOC2011 images with masks as .mat files; with VOC 2012 train and minus VOC 2012
-# val it gives the 10,582-image "trainaug" set published VOC results train on.
-SBD_URL = "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz"
-SBD_MD5 = "82b4d87ceb2ed10f6038a1cba92111cb"
-
-
-def sbd_root(data_dir, download=True):
-    """The SBD 'dataset' folder under data_dir (benchmark_RELEASE/dataset), downloaded with torchvision's code."""
-    root = os.path.join(data_dir, "benchmark_RELEASE", "dataset")
-    if os.path.isdir(os.path.join(root, "cls")):
-        return root
-    if not download:
-        raise SystemExit(f"error: --train-set trainaug needs SBD at {root}; drop --no-download to fetch it")
-    from torchvision.datasets.utils import download_and_extract_archive
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        download_and_extract_archive(SBD_URL, data_dir, filename="benchmark.tgz", md5=SBD_MD5)
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
-        raise SystemExit(f"error: could not download SBD ({e}); download benchmark.tgz (md5 {SBD_MD5}) from {SBD_URL} "
-                         f"and extract it in {os.path.abspath(data_dir)}/ (giving benchmark_RELEASE/dataset/)")
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-    return root
-
-
-def trainaug_pairs(voc_root, data_dir, download=True):
-    """(id, image, mask) of VOC train + SBD train + SBD val - VOC val. VOC's own masks win where both exist; SBD's
-    .mat masks are converted once to palette PNGs under DATA_DIR/SBD_png."""
-    root = sbd_root(data_dir, download)
-    voc_val = set(read_split_ids(voc_root, "val"))
-    sbd_ids = set()
-    for split in ("train", "val"):
-        with open(os.path.join(root, split + ".txt")) as f:
-            sbd_ids.update(line.strip() for line in f if line.strip())
-    ids = sorted((set(read_split_ids(voc_root, "train")) | sbd_ids) - voc_val)
-    png_dir = os.path.join(data_dir, "SBD_png")
-    os.makedirs(png_dir, exist_ok=True)
-    pairs = []
-    for image_id in ids:
-        img_path, mask_path = _pair_paths(voc_root, image_id)
-        if not os.path.isfile(img_path):
-            img_path = os.path.join(root, "img", image_id + ".jpg")
-        if not os.path.isfile(mask_path):
-            mask_path = os.path.join(png_dir, image_id + ".png")
-            if not os.path.isfile(mask_path):
-                mat = os.path.join(root, "cls", image_id + ".mat")
-                atomic_write(mask_path, lambda tmp, mat=mat: save_mask_png(read_sbd_mask(mat), tmp))
-        pairs.append((image_id, img_path, mask_path))
-    return pairs
-
-
-def read_sbd_mask(path):
-    """Class-index mask of an SBD cls/*.mat file (GTcls.Segmentation), as torchvision's SBDataset reads it."""
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise SystemExit("error: reading SBD's .mat masks needs scipy: pip install scipy")
-    try:
-        return np.asarray(loadmat(path)["GTcls"][0]["Segmentation"][0], dtype=np.uint8)
-    except (OSError, ValueError, KeyError, IndexError) as e:
-        raise SystemExit(f"error: cannot read SBD mask {path} ({e}); re-extract benchmark.tgz")
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading VOC files and the pixel cache
 # ---------------------------------------------------------------------------------------------
@@ -241,14 +177,14 @@ def read_mask(path, num_classes=len(VOC_CLASSES)):
     return mask
 
 
-def _pair_paths(root, image_id):
+def pair_paths(root, image_id):
     return (os.path.join(root, "JPEGImages", image_id + ".jpg"),
             os.path.join(root, "SegmentationClass", image_id + ".png"))
 
 
 def split_pairs(root, split):
     """(id, image path, mask path) of every image listed in ImageSets/Segmentation/<split>.txt."""
-    return [(image_id, *_pair_paths(root, image_id)) for image_id in read_split_ids(root, split)]
+    return [(image_id, *pair_paths(root, image_id)) for image_id in read_split_ids(root, split)]
 
 
 def _fingerprint(pairs):
@@ -322,12 +258,15 @@ class PixelCache:
                 with Image.open(img_path) as im:
                     shapes.append((im.height, im.width))
             except (OSError, SyntaxError) as e:
-                raise SystemExit(f"error: cannot read image {img_path} ({e}); replace it or remove it from the split list")
+                raise SystemExit(f"error: cannot read image {img_path} ({e}); replace it or remove it from the "
+                                 f"split list")
         sizes = np.array([h * w for h, w in shapes], dtype=np.int64)
         mask_offsets = np.concatenate([[0], np.cumsum(sizes)])
         img_offsets = mask_offsets * 3
-        images = np.lib.format.open_memmap(os.path.join(self.dir, "images.tmp.npy"), "w+", np.uint8, (int(img_offsets[-1]),))
-        masks = np.lib.format.open_memmap(os.path.join(self.dir, "masks.tmp.npy"), "w+", np.uint8, (int(mask_offsets[-1]),))
+        images = np.lib.format.open_memmap(os.path.join(self.dir, "images.tmp.npy"), "w+", np.uint8,
+                                           (int(img_offsets[-1]),))
+        masks = np.lib.format.open_memmap(os.path.join(self.dir, "masks.tmp.npy"), "w+", np.uint8,
+                                          (int(mask_offsets[-1]),))
         for i, (_, img_path, mask_path) in enumerate(tqdm(self.pairs, desc=f"caching {os.path.basename(self.dir)}",
                                                           leave=False)):
             img, mask = read_image(img_path), read_mask(mask_path, num_classes)
@@ -487,8 +426,9 @@ class DataConfig:
 def data_config(args, default_image_size=None):
     """DataConfig from the flags of add_data_args (plus --limit-train/--train-set where a script has them)."""
     image_size = args.image_size or default_image_size or (128 if args.toy else 256)
-    return DataConfig(args.data_dir, args.toy, not args.no_download, args.cache_dir or os.path.join(args.data_dir, "cache"),
-                      args.num_classes, image_size, args.eval_size, getattr(args, "limit_train", None), args.limit_val,
+    cache_dir = args.cache_dir or os.path.join(args.data_dir, "cache")
+    return DataConfig(args.data_dir, args.toy, not args.no_download, cache_dir, args.num_classes, image_size,
+                      args.eval_size, getattr(args, "limit_train", None), args.limit_val,
                       getattr(args, "train_set", "train"), args.workers, args.seed)
 
 
@@ -500,7 +440,8 @@ def build_datasets(cfg, splits=("train", "val"), augment_train=True):
     for split in splits:
         with main_process_first():
             if split == "train" and cfg.train_set == "trainaug":
-                pairs = trainaug_pairs(root, cfg.data_dir, download=cfg.download)
+                import sbd
+                pairs = sbd.trainaug_pairs(root, cfg.data_dir, download=cfg.download)
                 cache = PixelCache(root, "trainaug", cfg.cache_dir, cfg.num_classes, pairs=pairs)
             else:
                 cache = PixelCache(root, split, cfg.cache_dir, cfg.num_classes)

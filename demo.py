@@ -25,9 +25,11 @@ def get_args_parser():
     parser.add_argument("--data-dir", default="./data", help="data folder (default: %(default)s)")
     parser.add_argument("--real", action="store_true", help="use VOC 2012 under --data-dir instead of the toy set")
     parser.add_argument("--out-dir", default="checkpoints/demo", help="folder of the four runs (default: %(default)s)")
-    parser.add_argument("--epochs", type=common.positive_int, default=5, help="epochs of each student (default: %(default)s)")
+    parser.add_argument("--epochs", type=common.positive_int, default=5,
+                        help="epochs of each student (default: %(default)s)")
     parser.add_argument("--teacher-epochs", type=int, default=2,
-                        help="epochs of teacher fine-tuning; 0 = use the pretrained teacher as is (default: %(default)s)")
+                        help="epochs of teacher fine-tuning; 0 = use the pretrained teacher as is "
+                             "(default: %(default)s)")
     parser.add_argument("--image-size", type=common.positive_int, default=96, help="input size (default: %(default)s)")
     parser.add_argument("--batch-size", type=common.positive_int, default=8, help="batch size (default: %(default)s)")
     parser.add_argument("--lr", type=common.positive_float, default=2e-3,
@@ -75,7 +77,8 @@ def main(args):
         rows.append({"model": name, "params_m": common.count_params(model) / 1e6, "miou": 100 * metrics["miou"],
                      "pixel_acc": 100 * metrics["pixel_acc"], "epochs": len(history),
                      "epoch_s": statistics.median(h["epoch_s"] for h in history), "history": history})
-    table = ["| model | params (M) | val mIoU | pixel acc | epochs | median epoch time (s) |", "|---|---|---|---|---|---|"]
+    table = ["| model | params (M) | val mIoU | pixel acc | epochs | median epoch time (s) |",
+             "|---|---|---|---|---|---|"]
     table += [f"| {r['model']} | {r['params_m']:.2f} | {r['miou']:.2f} | {r['pixel_acc']:.2f} | {r['epochs']} | "
               f"{r['epoch_s']:.1f} |" for r in rows]
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:

@@ -80,7 +80,8 @@ def add_training_args(parser, default_epochs=50):
     parser.add_argument("--epochs", type=pos_int, default=default_epochs, help="epochs (default: %(default)s)")
     parser.add_argument("--batch-size", type=pos_int, default=16, help="batch size per process (default: %(default)s)")
     parser.add_argument("--lr", type=pos_float, default=1e-4, help="Adam learning rate (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=nonneg_float, default=1e-5, help="Adam weight decay (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=nonneg_float, default=1e-5,
+                        help="Adam weight decay (default: %(default)s)")
     parser.add_argument("--lr-factor", type=common.fraction, default=0.5,
                         help="ReduceLROnPlateau factor on val mIoU, in (0, 1) (default: %(default)s)")
     parser.add_argument("--lr-patience", type=nonneg_int, default=5,
@@ -104,8 +105,8 @@ def add_training_args(parser, default_epochs=50):
     parser.add_argument("--sync-bn", action="store_true",
                         help="synchronise BatchNorm statistics across torchrun processes (CUDA only)")
     parser.add_argument("--skip-nonfinite", action="store_true",
-                        help="skip optimizer steps whose gradients are NaN/inf (default: stop the run, naming the batch "
-                             "and loss term)")
+                        help="skip optimizer steps whose gradients are NaN/inf (default: stop the run, naming "
+                             "the batch and loss term)")
     parser.add_argument("--log-every", type=pos_int, default=20, help="optimizer steps between reads of the running "
                         "loss (progress bar, NaN check, stop requests under torchrun) (default: %(default)s)")
     return parser
@@ -199,7 +200,7 @@ def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, ski
     # shift dropout's random stream between an uninterrupted and a resumed run
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        collate_fn=common.collate, drop_last=drop_last, pin_memory=False,
-                                       generator=generator if generator is not None else torch.Generator().manual_seed(0))
+                                       generator=generator or torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()
@@ -404,7 +405,8 @@ def restore_checkpoint(path, model, adapters, optimizer, scheduler, scaler, cfg,
         partial = dataclasses.replace(partial, totals={}, images=0, wait=0.0)
     state = RunState(ckpt["epoch"] + 1, ckpt["best_miou"], ckpt["history"], partial)
     best = "none yet" if state.best_miou is None else f"{100 * state.best_miou:.2f}"
-    log(f"resumed {path} at epoch {state.epoch}" + (f" batch {partial.step}" if partial else "") + f" (best mIoU {best})")
+    log(f"resumed {path} at epoch {state.epoch}" + (f" batch {partial.step}" if partial else "")
+        + f" (best mIoU {best})")
     return state
 
 
@@ -514,7 +516,8 @@ def finish_interrupted(save, state, cfg, arch, stop, where, saved=False):
     last = os.path.join(cfg.out_dir, "last.pth")
     if is_main() and not saved:
         save_checkpoint(make_checkpoint(*save, state, cfg, arch), last)
-    raise SystemExit(f"interrupted by {stop.signal}: saved {last} {where}; continue with the same command plus --resume")
+    raise SystemExit(f"interrupted by {stop.signal}: saved {last} {where}; continue with the same command plus "
+                     f"--resume")
 
 
 def format_epoch(rec):

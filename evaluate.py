@@ -24,8 +24,8 @@ from distributed import init_distributed
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Evaluate a student or teacher checkpoint on a VOC-format split.")
-    parser.add_argument("--weights", nargs="+", default=[], help="checkpoint(s) written by a train_*.py script, or bare "
-                        "state_dicts; several are compared on the same images")
+    parser.add_argument("--weights", nargs="+", default=[], help="checkpoint(s) written by a train_*.py script, or "
+                        "bare state_dicts; several are compared on the same images")
     parser.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
                         help="run folders to compare (their best.pth), e.g. checkpoints/*")
     parser.add_argument("--comparison", default="comparison", metavar="DIR", help="where a comparison of several "
@@ -51,7 +51,9 @@ def get_args_parser():
 
 
 def class_names(num_classes):
-    return list(common.VOC_CLASSES) if num_classes == len(common.VOC_CLASSES) else [f"class_{i}" for i in range(num_classes)]
+    if num_classes == len(common.VOC_CLASSES):
+        return list(common.VOC_CLASSES)
+    return [f"class_{i}" for i in range(num_classes)]
 
 
 def most_confused_pairs(confusion, names, k=5):
@@ -136,7 +138,8 @@ def save_visualisations(model, dataset, scores, names, device, out_dir, n):
         if image.shape[:2] != mask.shape:  # --eval-size: show the image at the metric's resolution
             image = common.warp_image(image, common.sample_grid(*image.shape[:2], mask.shape[0])).numpy()
             image = np.clip((image * np.array(common.IMAGENET_STD)[:, None, None] +
-                             np.array(common.IMAGENET_MEAN)[:, None, None]) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+                             np.array(common.IMAGENET_MEAN)[:, None, None]) * 255, 0, 255)
+            image = image.astype(np.uint8).transpose(1, 2, 0)
         image_id = dataset.cache.ids[dataset.indices[k]]
         path = os.path.join(out_dir, f"{rank:02d}_{image_id}.png")
         save_panel(np.asarray(image), mask, pred, names, f"{image_id}: image mIoU {100 * scores[k]:.1f}", path)
@@ -213,7 +216,8 @@ def make_browser(dataset, predictions, scores, names):
         if image.shape[:2] != mask.shape:
             image = np.asarray(Image.fromarray(np.asarray(image)).resize(mask.shape[::-1]))
         shown = (0.5 * image + 0.5 * colorize(pred)).astype(np.uint8) if state["overlay"] else image
-        for ax, img, label in zip(axes, (shown, colorize(mask), colorize(pred)), ("image", "ground truth", "prediction")):
+        panels = (shown, colorize(mask), colorize(pred))
+        for ax, img, label in zip(axes, panels, ("image", "ground truth", "prediction")):
             ax.clear()
             ax.imshow(img)
             ax.set_title(label)
@@ -307,7 +311,8 @@ def write_comparison(results, out_dir, n_images):
     for r in results:
         timing = run_timing(r["weights"])
         rows.append([r["weights"], r["strategy"], r["params"], round(100 * r["metrics"]["miou"], 2),
-                     round(100 * r["metrics"]["pixel_acc"], 2), "" if timing is None else f"{timing[1]:.2f} ({timing[0]})"]
+                     round(100 * r["metrics"]["pixel_acc"], 2),
+                     "" if timing is None else f"{timing[1]:.2f} ({timing[0]})"]
                     + ["" if math.isnan(v) else round(100 * v, 2) for v in r["metrics"]["iou_per_class"]])
     with open(os.path.join(out_dir, "comparison.csv"), "w", newline="") as f:
         csv.writer(f).writerows([header] + rows)

@@ -19,7 +19,8 @@ def get_args_parser():
                         help="also time the FCN-ResNet50 teacher at batch 1 on the same backends, in turns with the "
                              "student, and report the teacher/student latency ratio (random teacher weights: the "
                              "timing is the same; or --teacher-weights)")
-    parser.add_argument("--teacher-weights", default=None, metavar="PATH", help="teacher checkpoint for --vs-teacher (implies it)")
+    parser.add_argument("--teacher-weights", default=None, metavar="PATH",
+                        help="teacher checkpoint for --vs-teacher (implies it)")
     parser.add_argument("--teacher-runs", type=common.positive_int, default=10,
                         help="timed teacher runs per backend with --vs-teacher (default: %(default)s)")
     parser.add_argument("--export-onnx", default=None, metavar="PATH",

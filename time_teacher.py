@@ -12,7 +12,8 @@ import timing
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Time the FCN-ResNet50 teacher.")
-    parser.add_argument("--weights", default=None, help="teacher checkpoint (default: torchvision's pretrained weights)")
+    parser.add_argument("--weights", default=None,
+                        help="teacher checkpoint (default: torchvision's pretrained weights)")
     parser.add_argument("--no-pretrained", action="store_true", help="random weights (times the same, works offline)")
     timing.add_timing_args(parser)
     return parser

@@ -40,8 +40,10 @@ def add_timing_args(parser):
     parser.add_argument("--batch-size", type=common.positive_int, default=16,
                         help="batch size of the throughput measurement (default: %(default)s)")
     parser.add_argument("--runs", type=common.positive_int, default=50,
-                        help="timed runs at batch 1 per backend, in turns with the other backends (default: %(default)s)")
-    parser.add_argument("--warmup", type=common.non_negative_int, default=10, help="untimed warm-up runs (default: %(default)s)")
+                        help="timed runs at batch 1 per backend, in turns with the other backends "
+                             "(default: %(default)s)")
+    parser.add_argument("--warmup", type=common.non_negative_int, default=10,
+                        help="untimed warm-up runs (default: %(default)s)")
     parser.add_argument("--threads", type=common.positive_int, default=None,
                         help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's default)")
     parser.add_argument("--no-miou", action="store_true", help="skip the val mIoU measurement")
@@ -294,9 +296,11 @@ def print_timing_table(result):
     ok = {k: v for k, v in result["backends"].items() if "latency_ms_median" in v}
     eager = ok.get("eager", {}).get("latency_ms_median")
     teacher = result.get("vs_teacher", {}).get("backends", {})
-    print(f"\n{result['model']}: {result['params']:,} parameters, {result['size_mb']:.1f} MB, {result['image_size']}px, "
-          f"{result['device']}, {result['threads']} threads" + (f", val mIoU {100 * result['miou']:.2f}" if result["miou"] is not None else ""))
-    print("| backend | median ms (batch 1) | p90 ms | FPS | img/s (batch %d) | speed-up vs eager | max abs diff |" % result["batch_size"]
+    miou = f", val mIoU {100 * result['miou']:.2f}" if result["miou"] is not None else ""
+    print(f"\n{result['model']}: {result['params']:,} parameters, {result['size_mb']:.1f} MB, "
+          f"{result['image_size']}px, {result['device']}, {result['threads']} threads{miou}")
+    print(f"| backend | median ms (batch 1) | p90 ms | FPS | img/s (batch {result['batch_size']}) | "
+          f"speed-up vs eager | max abs diff |"
           + (" teacher ms (batch 1) | teacher / student |" if teacher else ""))
     print("|---|---|---|---|---|---|---|" + ("---|---|" if teacher else ""))
     for name, r in ok.items():
@@ -389,9 +393,11 @@ def print_profile(result):
                   + (f"{r['gflop'] / r['ms'] * 1000:.0f} |" if r["gflop"] else "- |"))
     timed = [b["latency_ms_median"] for b in result["backends"].values() if "latency_ms_median" in b]
     floor = result["gflops"] / result["gemm_gflops_per_s"] * 1000
-    print(f"{result['gflops']:.2f} GFLOP per image; fp32 matrix multiply runs at {result['gemm_gflops_per_s']:.0f} GFLOP/s "
+    print(f"{result['gflops']:.2f} GFLOP per image; fp32 matrix multiply runs at {result['gemm_gflops_per_s']:.0f} "
+          f"GFLOP/s "
           f"here now (torch.mm 2048x2048, {result['threads']} threads), so {floor:.1f} ms is the fp32 compute floor at "
-          f"batch 1" + (f"; the fastest backend's {min(timed):.1f} ms is {min(timed) / floor:.2f}x that floor" if timed else ""))
+          f"batch 1" + (f"; the fastest backend's {min(timed):.1f} ms is {min(timed) / floor:.2f}x that floor"
+                        if timed else ""))
 
 
 def plot_timing(results, path):

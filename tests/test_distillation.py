@@ -197,7 +197,8 @@ def test_kd_cli_one_epoch_then_resume(module, extra, data_dir, toy_teacher, tmp_
 
 
 def test_live_bf16_teacher_and_bf16_training(data_dir, toy_teacher, tmp_path, capsys):
-    """--no-teacher-cache with a bf16 teacher and --amp bf16 student training: the CPU bf16 paths (native or emulated)."""
+    """--no-teacher-cache with a bf16 teacher and --amp bf16 student training: the CPU bf16 paths (native or
+    emulated)."""
     out = tmp_path / "run"
     argv = small_run_args(data_dir, out, "--teacher-weights", toy_teacher, "--limit-train", "8", "--image-size", "32",
                           "--epochs", "1", "--no-teacher-cache", "--teacher-dtype", "bf16", "--amp", "bf16")

@@ -1,5 +1,7 @@
-"""torchrun: 2 CPU processes (gloo) train baseline and response KD for 1 epoch; rank 0 alone writes and logs, and
-the all-reduced val mIoU equals a 1-process evaluation of the saved weights; the baseline then resumes under torchrun."""
+"""torchrun: 2 CPU processes (gloo, DistributedDataParallel) train baseline, response KD (teacher-logit cache built by
+rank 0) and feature KD (return_features and the adapters through DDP) for 1 epoch; rank 0 alone writes and logs, and
+the all-reduced val mIoU equals a 1-process evaluation of the saved weights; the baseline then resumes under
+torchrun."""
 import json
 import os
 import subprocess
@@ -13,7 +15,7 @@ import evaluate
 from conftest import REPO, small_run_args
 
 
-@pytest.mark.parametrize("script", ["train_baseline.py", "train_response_kd.py"])
+@pytest.mark.parametrize("script", ["train_baseline.py", "train_response_kd.py", "train_feature_kd.py"])
 def test_torchrun_two_processes(script, data_dir, tmp_path):
     out = tmp_path / "run"
     extra = []

@@ -71,7 +71,8 @@ def test_sigterm_inside_an_epoch_saves_and_resumes_exactly(data_dir, tmp_path, r
 
 def test_second_signal_exits_at_once(data_dir, tmp_path):
     # 192 px batches take long enough that the second signal lands before the first one's checkpoint is written
-    proc = subprocess.Popen([sys.executable, "train_baseline.py", *_args(data_dir, tmp_path / "run", "--image-size", "192")],
+    argv = _args(data_dir, tmp_path / "run", "--image-size", "192")
+    proc = subprocess.Popen([sys.executable, "train_baseline.py", *argv],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr = []
     reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
@@ -183,8 +184,10 @@ def test_gradient_accumulation_equals_the_large_batch():
 
 def test_bad_dataset_folder_and_flags_are_one_line_errors(tmp_path, toy_root, capsys):
     proc = subprocess.run([sys.executable, "train_baseline.py", "--data-dir", str(tmp_path / "nowhere"),
-                           "--no-download", "--out-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: no VOC dataset under --data-dir")
+                           "--no-download", "--out-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                          text=True)
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last_line.startswith("error: no VOC dataset under --data-dir")
     assert not (tmp_path / "run" / "last.pth").exists()
     partial = tmp_path / "partial" / "VOCdevkit" / "VOC2012"  # a half-extracted dataset: no masks folder
     os.makedirs(partial / "JPEGImages")

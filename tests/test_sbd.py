@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import common
+import sbd
 import train_baseline
 
 scipy_io = pytest.importorskip("scipy.io")
@@ -37,7 +38,7 @@ def _make_sbd(data_dir, toy_root, rng):
 def test_trainaug_has_no_val_ids_and_converts_masks(toy_root, tmp_path):
     data_dir = str(tmp_path)
     root, voc_val, voc_train, new, masks = _make_sbd(data_dir, toy_root, np.random.default_rng(0))
-    pairs = common.trainaug_pairs(toy_root, data_dir, download=False)
+    pairs = sbd.trainaug_pairs(toy_root, data_dir, download=False)
     ids = [p[0] for p in pairs]
     assert not set(ids) & set(common.read_split_ids(toy_root, "val"))
     assert set(ids) == set(common.read_split_ids(toy_root, "train")) | set(new)
@@ -65,4 +66,4 @@ def test_train_set_flag_builds_the_trainaug_split(data_dir, toy_root, tmp_path):
 
 def test_missing_sbd_without_download_is_a_clear_error(toy_root, tmp_path):
     with pytest.raises(SystemExit, match="--train-set trainaug needs SBD at .*benchmark_RELEASE"):
-        common.trainaug_pairs(toy_root, str(tmp_path), download=False)
+        sbd.trainaug_pairs(toy_root, str(tmp_path), download=False)

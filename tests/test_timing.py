@@ -69,7 +69,8 @@ def test_time_student_json_and_plot(data_dir, tmp_path):
     torch.save({"model": common.build_student(21, pretrained=False).state_dict(), "arch": "student"}, weights)
     out = tmp_path / "student.json"
     argv = ["--weights", str(weights), "--toy", "--data-dir", data_dir, "--image-size", "64", "--limit-val", "4",
-            "--workers", "0", "--backend", "eager,channels_last,bf16,fp16,onnxruntime", "--runs", "3", "--warmup", "1", "--batch-size", "2",
+            "--workers", "0", "--backend", "eager,channels_last,bf16,fp16,onnxruntime", "--runs", "3", "--warmup", "1",
+            "--batch-size", "2",
             "--json", str(out)]
     time_student.main(time_student.get_args_parser().parse_args(argv))
     report = json.loads(out.read_text())
@@ -123,7 +124,8 @@ def _conv_and_matmul_flops(model, x, block=1):
         positions = out.numel() // out.shape[1]
         if m.groups == m.in_channels == m.out_channels:  # depthwise: each channel sees only itself
             return 2 * positions * pad(m.out_channels) * m.kernel_size[0] * m.kernel_size[1]
-        return 2 * positions * pad(m.out_channels) * pad(m.in_channels) // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        taps = m.kernel_size[0] * m.kernel_size[1]
+        return 2 * positions * pad(m.out_channels) * pad(m.in_channels) // m.groups * taps
     flops = []
     hooks = [m.register_forward_hook(lambda m, i, o: flops.append(conv_flops(m, o)))
              for m in model.modules() if isinstance(m, torch.nn.Conv2d)]

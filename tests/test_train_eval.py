@@ -45,7 +45,8 @@ def test_baseline_cli_writes_every_output(trained_run):
     assert HISTORY_KEYS <= set(history[0])
     assert 0 <= history[-1]["val_miou"] <= 1 and 0 <= history[-1]["data_wait_frac"] <= 1
     ckpt = torch.load(trained_run / "last.pth", map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "best_miou", "history", "args", "arch", "num_classes"} <= set(ckpt)
+    assert {"model", "optimizer", "scheduler", "epoch", "best_miou", "history", "args", "arch",
+            "num_classes"} <= set(ckpt)
     assert ckpt["best_miou"] == max(h["val_miou"] for h in history)
     assert Image.open(trained_run / "loss.png").size[0] > 100
 
@@ -138,7 +139,8 @@ def test_evaluate_runs_on_real_voc_files(tmp_path):
     weights = tmp_path / "student.pth"
     torch.manual_seed(0)
     torch.save(LightweightDeepLabV3(21).state_dict(), weights)  # bare state_dict, random weights
-    proc = subprocess.run([sys.executable, "evaluate.py", "--weights", str(weights), "--data-dir", str(tmp_path / "voc"),
+    proc = subprocess.run([sys.executable, "evaluate.py", "--weights", str(weights),
+                           "--data-dir", str(tmp_path / "voc"),
                            "--cache-dir", str(tmp_path / "cache"), "--image-size", "96", "--workers", "0",
                            "--no-download", "--json", str(tmp_path / "m.json")],
                           cwd=REPO, capture_output=True, text=True)
