@@ -4,14 +4,18 @@ flags, class weights, the confusion matrix behind mIoU, the teacher and student 
 Scripts import this module; importing it does no work.
 """
 import argparse
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import math
 import os
+import shutil
+import signal
 import socket
 import sys
+import threading
 import typing
 import urllib.error
 
@@ -151,29 +155,45 @@ def read_split_ids(root, split):
     return ids
 
 
+class DataProblem(Exception):
+    """A bad image or mask file; the message names the file and what is wrong with it."""
+
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+def stop_on_problems(problems, what):
+    """One error listing every bad file (up to a cap), so one fix-and-rerun cycle is enough."""
+    if problems:
+        shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
+        more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+        raise SystemExit(f"error: {len(problems)} problem(s) in {what}; fix, replace or remove these files from the "
+                         f"split list (ImageSets/Segmentation), then run again:\n  {shown}{more}")
+
+
 def read_image(path):
-    """RGB uint8 array (H, W, 3); a missing or corrupt file is a clear error."""
+    """RGB uint8 array (H, W, 3); a missing or corrupt file raises DataProblem."""
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:
-        raise SystemExit(f"error: cannot read image {path} ({e}); replace or remove it from the split list")
+        raise DataProblem(f"cannot read image {path} ({e})")
 
 
 def read_mask(path, num_classes=len(VOC_CLASSES)):
-    """Class-index mask (H, W) uint8 from a palette PNG: 0..num_classes-1, 255 = ignore."""
+    """Class-index mask (H, W) uint8 from a palette PNG: 0..num_classes-1, 255 = ignore; else DataProblem."""
     try:
         with Image.open(path) as img:
             if img.mode not in ("P", "L"):
-                raise SystemExit(f"error: mask {path} has mode {img.mode}; expected a palette (P) or "
-                                 f"grey (L) PNG of class indices")
+                raise DataProblem(f"mask {path} has mode {img.mode}; expected a palette (P) or grey (L) PNG of "
+                                  f"class indices")
             mask = np.asarray(img)
     except (OSError, SyntaxError, ValueError) as e:
-        raise SystemExit(f"error: cannot read mask {path} ({e}); replace or remove it from the split list")
+        raise DataProblem(f"cannot read mask {path} ({e})")
     bad = np.unique(mask[(mask >= num_classes) & (mask != IGNORE_INDEX)])
     if bad.size:
-        raise SystemExit(f"error: mask {path} has values {bad[:10].tolist()} outside 0..{num_classes - 1} "
-                         f"and {IGNORE_INDEX} (ignore); fix the mask or pass the right --num-classes")
+        raise DataProblem(f"mask {path} has values {bad[:10].tolist()} outside 0..{num_classes - 1} and "
+                          f"{IGNORE_INDEX} (ignore); fix the mask or pass the right --num-classes")
     return mask
 
 
@@ -189,15 +209,16 @@ def split_pairs(root, split):
 
 def _fingerprint(pairs):
     """Hash of the split's file names, sizes and mtimes: any change to the source rebuilds caches."""
-    h = hashlib.sha1()
+    h, missing = hashlib.sha1(), []
     for image_id, *paths in pairs:
         for path in paths:
             try:
                 st = os.stat(path)
             except FileNotFoundError:
-                raise SystemExit(f"error: {path} is listed in the split but missing; restore it or "
-                                 f"remove '{image_id}' from the ImageSets list")
+                missing.append(f"{path} is listed in the split but missing (id '{image_id}')")
+                continue
             h.update(f"{image_id}:{st.st_size}:{st.st_mtime_ns};".encode())
+    stop_on_problems(missing, "the split list")
     return h.hexdigest()
 
 
@@ -223,6 +244,42 @@ def write_json(path, obj):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
     atomic_write(path, write)
+
+
+def make_cache_dir(path, data_root):
+    """Create a cache folder; a read-only location is one clear line pointing at --cache-dir."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the cache for {data_root} to {path} ({e.strerror}); point --cache-dir "
+                         f"at a writable folder (the data folder itself may stay read-only)")
+
+
+@contextlib.contextmanager
+def on_signal_exit(what, cleanup=()):
+    """While building something slow (a cache): SIGINT/SIGTERM removes the half-written files in `cleanup` and exits
+    with one line; the next run builds it again. Any other failure removes them too."""
+    def handler(signum, frame):
+        raise SystemExit(f"interrupted by {signal.Signals(signum).name} while {what}; nothing half-built was kept, "
+                         f"the next run builds it again")
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except BaseException:
+        for path in cleanup:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
+        raise
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class PixelCache:
@@ -251,35 +308,42 @@ class PixelCache:
         self._images = self._masks = None  # opened lazily, once per (worker) process
 
     def _build(self, root, fingerprint, num_classes):
-        os.makedirs(self.dir, exist_ok=True)
-        shapes = []
+        make_cache_dir(self.dir, root)
+        shapes, problems = [], []
         for _, img_path, _ in self.pairs:  # first pass: sizes only (headers), to size the memmaps
             try:
                 with Image.open(img_path) as im:
                     shapes.append((im.height, im.width))
             except (OSError, SyntaxError) as e:
-                raise SystemExit(f"error: cannot read image {img_path} ({e}); replace it or remove it from the "
-                                 f"split list")
-        sizes = np.array([h * w for h, w in shapes], dtype=np.int64)
-        mask_offsets = np.concatenate([[0], np.cumsum(sizes)])
+                problems.append(f"cannot read image {img_path} ({e})")
+                shapes.append((0, 0))  # reported with the others after the second pass
+        mask_offsets = np.concatenate([[0], np.cumsum([h * w for h, w in shapes], dtype=np.int64)])
         img_offsets = mask_offsets * 3
-        images = np.lib.format.open_memmap(os.path.join(self.dir, "images.tmp.npy"), "w+", np.uint8,
-                                           (int(img_offsets[-1]),))
-        masks = np.lib.format.open_memmap(os.path.join(self.dir, "masks.tmp.npy"), "w+", np.uint8,
-                                          (int(mask_offsets[-1]),))
-        for i, (_, img_path, mask_path) in enumerate(tqdm(self.pairs, desc=f"caching {os.path.basename(self.dir)}",
-                                                          leave=False)):
-            img, mask = read_image(img_path), read_mask(mask_path, num_classes)
-            if img.shape[:2] != mask.shape or img.shape[:2] != shapes[i]:
-                raise SystemExit(f"error: mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {img_path} "
-                                 f"is {img.shape[1]}x{img.shape[0]}; masks must match their images")
-            images[img_offsets[i]:img_offsets[i + 1]] = img.reshape(-1)
-            masks[mask_offsets[i]:mask_offsets[i + 1]] = mask.reshape(-1)
-        images.flush()
-        masks.flush()
-        del images, masks
-        os.replace(os.path.join(self.dir, "images.tmp.npy"), os.path.join(self.dir, "images.npy"))
-        os.replace(os.path.join(self.dir, "masks.tmp.npy"), os.path.join(self.dir, "masks.npy"))
+        tmp = [os.path.join(self.dir, name) for name in ("images.tmp.npy", "masks.tmp.npy")]
+        with on_signal_exit(f"building the pixel cache {self.dir}", cleanup=tmp):
+            images = np.lib.format.open_memmap(tmp[0], "w+", np.uint8, (int(img_offsets[-1]),))
+            masks = np.lib.format.open_memmap(tmp[1], "w+", np.uint8, (int(mask_offsets[-1]),))
+            for i, (_, img_path, mask_path) in enumerate(tqdm(self.pairs, leave=False,
+                                                              desc=f"caching {os.path.basename(self.dir)}")):
+                if shapes[i] == (0, 0):
+                    continue
+                try:
+                    img, mask = read_image(img_path), read_mask(mask_path, num_classes)
+                except DataProblem as e:
+                    problems.append(str(e))
+                    continue
+                if img.shape[:2] != mask.shape or img.shape[:2] != shapes[i]:
+                    problems.append(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {img_path} is "
+                                    f"{img.shape[1]}x{img.shape[0]}; masks must match their images")
+                    continue
+                images[img_offsets[i]:img_offsets[i + 1]] = img.reshape(-1)
+                masks[mask_offsets[i]:mask_offsets[i + 1]] = mask.reshape(-1)
+            stop_on_problems(problems, f"{len(self.pairs)} image/mask pairs of {root}")
+            images.flush()
+            masks.flush()
+            del images, masks
+            os.replace(tmp[0], os.path.join(self.dir, "images.npy"))
+            os.replace(tmp[1], os.path.join(self.dir, "masks.npy"))
         index = {"fingerprint": fingerprint, "num_classes": num_classes, "ids": self.ids, "shapes": shapes,
                  "img_offsets": img_offsets.tolist(), "mask_offsets": mask_offsets.tolist()}
         write_json(os.path.join(self.dir, "index.json"), index)  # written last: marks the cache complete
@@ -423,10 +487,16 @@ class DataConfig:
     seed: int
 
 
+def default_cache_dir():
+    """The user's own cache folder ($XDG_CACHE_HOME/voc-kd, else ~/.cache/voc-kd), never the data folder, which may
+    be shared or read-only; each dataset gets its own subfolder there (keyed by its path)."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "voc-kd")
+
+
 def data_config(args, default_image_size=None):
     """DataConfig from the flags of add_data_args (plus --limit-train/--train-set where a script has them)."""
     image_size = args.image_size or default_image_size or (128 if args.toy else 256)
-    cache_dir = args.cache_dir or os.path.join(args.data_dir, "cache")
+    cache_dir = args.cache_dir or default_cache_dir()
     return DataConfig(args.data_dir, args.toy, not args.no_download, cache_dir, args.num_classes, image_size,
                       args.eval_size, getattr(args, "limit_train", None), args.limit_val,
                       getattr(args, "train_set", "train"), args.workers, args.seed)
@@ -714,8 +784,8 @@ def add_data_args(parser):
     parser.add_argument("--toy", action="store_true", help="use the synthetic VOC-format dataset generated under "
                         "DATA_DIR/toy (offline, small; default: real VOC 2012)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading VOC if it is missing")
-    parser.add_argument("--cache-dir", default=None, help="where decoded pixels and class weights are cached "
-                        "(default: DATA_DIR/cache)")
+    parser.add_argument("--cache-dir", default=None, help="where decoded pixels, class weights and teacher logits "
+                        "are cached, a subfolder per dataset (default: $XDG_CACHE_HOME/voc-kd or ~/.cache/voc-kd)")
     parser.add_argument("--num-classes", type=positive_int, default=len(VOC_CLASSES),
                         help="classes in the masks, background included (default: %(default)s)")
     parser.add_argument("--image-size", type=image_size, default=None,

@@ -89,16 +89,17 @@ class TeacherLogitCache:
         loader = engine.make_loader(plain, batch_size, workers)
         out = None
         tmp = self.path[:-4] + ".tmp.npy"
-        for batch in tqdm(loader, desc="caching teacher logits", leave=False):
-            with engine.autocast(device, self.precision):
-                x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
-                logits = teacher(x, upsample=False).float().cpu().numpy().astype(np.float16)
-            if out is None:
-                out = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(plain),) + logits.shape[1:])
-            out[batch["index"].numpy()] = logits
-        out.flush()
-        del out
-        os.replace(tmp, self.path)
+        with common.on_signal_exit("building the teacher-logit cache", cleanup=[tmp]):
+            for batch in tqdm(loader, desc="caching teacher logits", leave=False):
+                with engine.autocast(device, self.precision):
+                    x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
+                    logits = teacher(x, upsample=False).float().cpu().numpy().astype(np.float16)
+                if out is None:
+                    out = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(plain),) + logits.shape[1:])
+                out[batch["index"].numpy()] = logits
+            out.flush()
+            del out
+            os.replace(tmp, self.path)
 
     def __call__(self, i):
         if self._logits is None:  # opened lazily, once per (worker) process

@@ -13,9 +13,9 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -176,8 +176,7 @@ def resolve_run_folder(out_dir, resume, strategy):
     elif resume is None and os.path.isfile(os.path.join(out_dir, "last.pth")):
         raise SystemExit(f"error: --out-dir {out_dir} already holds a run (last.pth); pass --resume to "
                          f"continue it or choose another --out-dir")
-    os.makedirs(out_dir, exist_ok=True)
-    return out_dir, resume
+    return out_dir, resume  # created by train(), once data and models are ready: a failed start leaves nothing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +199,15 @@ def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, ski
     # shift dropout's random stream between an uninterrupted and a resumed run
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        collate_fn=common.collate, drop_last=drop_last, pin_memory=False,
-                                       generator=generator or torch.Generator().manual_seed(0))
+                                       generator=generator or torch.Generator().manual_seed(0),
+                                       worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(worker_id):
+    """Loader workers leave SIGINT/SIGTERM to the main process: `timeout`, SLURM and Ctrl-C signal the whole process
+    group, and a worker killed by it would take the run down before the main process could save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @torch.no_grad()
@@ -383,6 +390,26 @@ def make_checkpoint(model, adapters, optimizer, scheduler, scaler, state, cfg, a
                     "cuda": torch.cuda.get_rng_state(cfg.device) if cfg.device.type == "cuda" else None}}
 
 
+def weights_checkpoint(ckpt):
+    """best.pth / epoch_NNN.pth: the deployable weights and what describes them, without the optimizer state
+    (a student's is 2x its weights, a teacher's 2x 130 MB); only last.pth keeps everything for --resume."""
+    return {k: ckpt[k] for k in ("model", "epoch", "best_miou", "history", "args", "arch", "num_classes")}
+
+
+# flags that do not change the experiment (how it runs, not what it computes) may differ on --resume
+RESUME_MAY_CHANGE = {"workers", "device", "out_dir", "resume", "log_every", "save_every", "epochs", "cache_dir",
+                     "skip_nonfinite", "channels_last", "data_dir"}
+
+
+def check_same_experiment(saved, flags, path):
+    """--resume must continue the same experiment: one line listing every flag that differs."""
+    diffs = [f"--{k.replace('_', '-')} {saved[k]} -> {flags[k]}" for k in sorted(flags)
+             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != flags[k]]
+    if diffs:
+        raise SystemExit(f"error: --resume {path} was trained with other settings ({'; '.join(diffs)}); resume with "
+                         f"the same flags or start a new --out-dir")
+
+
 def restore_checkpoint(path, model, adapters, optimizer, scheduler, scaler, cfg, arch):
     """Put back everything make_checkpoint() saved; returns the RunState to continue from."""
     ckpt = common.read_checkpoint(path, "--resume")
@@ -391,6 +418,7 @@ def restore_checkpoint(path, model, adapters, optimizer, scheduler, scaler, cfg,
         if was != have:
             raise SystemExit(f"error: --resume {path} is a run with {key}={was}, this one has {key}={have}; "
                              f"resume with the same flags or start a new --out-dir")
+    check_same_experiment(ckpt.get("args", {}), cfg.flags, path)
     model.load_state_dict(ckpt["model"])
     adapters.load_state_dict(ckpt["adapters"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -412,10 +440,6 @@ def restore_checkpoint(path, model, adapters, optimizer, scheduler, scaler, cfg,
 
 def save_checkpoint(obj, path):
     common.atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_copy(src, dst):
-    common.atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,14 +478,12 @@ def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
     net = TrainModule(model, adapters)
     if is_distributed():
         net = nn.parallel.DistributedDataParallel(net, device_ids=[cfg.device] if cfg.device.type == "cuda" else None)
-    if is_main():
-        common.write_json(os.path.join(cfg.out_dir, "config.json"), cfg.flags)
     val_loader = make_loader(datasets["val"], cfg.batch_size, cfg.data.workers)
     log(f"{arch}: {common.count_params(model):,} parameters | train {len(datasets['train'])} val "
         f"{len(datasets['val'])} images | device {cfg.device} x {world_size()} process(es) | precision {cfg.precision} "
         f"| out {cfg.out_dir}")
     save = (model, adapters, optimizer, scheduler, scaler)
-    with StopRequest() as stop:
+    with run_folder(cfg), StopRequest() as stop:
         for epoch in range(state.epoch, cfg.epochs):
             t0 = time.perf_counter()
             progress = state.partial if state.partial is not None else EpochProgress(epoch)
@@ -475,6 +497,7 @@ def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
                 finish_interrupted(save, state, cfg, arch, stop, f"at epoch {epoch} batch {progress.step}")
             broadcast_buffers(model)
             metrics = evaluate(model, val_loader, cfg.device, cfg.data.num_classes, criterion, cfg.precision)
+            check_not_diverged(model, metrics, epoch)
             scheduler.step(metrics["miou"])
             record = {"epoch": epoch, **epoch_stats(progress, cfg.device), "val_loss": metrics["loss"],
                       "val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"],
@@ -490,6 +513,70 @@ def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
     return state.history
 
 
+def check_not_diverged(model, metrics, epoch):
+    """A NaN/inf val loss or weight stops the run before anything is saved: a diverged model (whose NaN logits
+    would argmax to background and score a plausible mIoU) never becomes best.pth."""
+    finite_weights = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if not (math.isfinite(metrics["loss"]) and finite_weights):
+        what = f"val loss {metrics['loss']}" if finite_weights else "non-finite weights"
+        raise SystemExit(f"error: the model diverged at epoch {epoch} ({what}); nothing of this epoch was saved, the "
+                         f"last good checkpoint is kept. Lower --lr (and check the data)")
+
+
+@contextlib.contextmanager
+def run_folder(cfg):
+    """Create the run folder and hold its lock for the run's lifetime (rank 0); write config.json on a fresh run (a
+    resumed one has the same experiment flags, checked, so its config.json stands)."""
+    if not is_main():
+        yield
+        return
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with run_lock(cfg.out_dir):
+        if not cfg.resume:
+            common.write_json(os.path.join(cfg.out_dir, "config.json"), cfg.flags)
+        yield
+
+
+@contextlib.contextmanager
+def run_lock(out_dir):
+    """OUT_DIR/run.lock holds this process's pid while it runs: a second run on the same folder stops with one line
+    naming the holder, instead of mixing its checkpoints and history with ours. A lock whose process is gone (kill -9,
+    power loss) does not block."""
+    path, tmp = os.path.join(out_dir, "run.lock"), os.path.join(out_dir, f"run.lock.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        while True:
+            try:
+                os.link(tmp, path)  # atomic: exactly one process creates the lock, already holding its pid
+                break
+            except FileExistsError:
+                holder = lock_holder(path)
+                if holder is not None:
+                    raise SystemExit(f"error: --out-dir {out_dir} is in use by another run (pid {holder}, {path}); "
+                                     f"wait for it to finish or choose another --out-dir")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # stale: its process is gone
+    finally:
+        os.remove(tmp)
+    try:
+        yield
+    finally:
+        if lock_holder(path) == os.getpid():
+            os.remove(path)
+
+
+def lock_holder(path):
+    """The pid in a lock file if that process is alive, else None."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError) as e:
+        return pid if isinstance(e, PermissionError) else None
+    return pid
+
+
 def end_epoch(save, state, record, cfg, arch):
     """Add the epoch to the history; rank 0 writes last.pth (and best/periodic copies), history.json and plots."""
     state.history.append(record)
@@ -499,12 +586,12 @@ def end_epoch(save, state, record, cfg, arch):
         state.best_miou = record["val_miou"]
     if not is_main():  # only rank 0 writes; the others hold the same weights
         return
-    last = os.path.join(cfg.out_dir, "last.pth")
-    save_checkpoint(make_checkpoint(*save, state, cfg, arch), last)
+    ckpt = make_checkpoint(*save, state, cfg, arch)
+    save_checkpoint(ckpt, os.path.join(cfg.out_dir, "last.pth"))
     if state.epoch % cfg.save_every == 0:
-        atomic_copy(last, os.path.join(cfg.out_dir, f"epoch_{state.epoch:03d}.pth"))
+        save_checkpoint(weights_checkpoint(ckpt), os.path.join(cfg.out_dir, f"epoch_{state.epoch:03d}.pth"))
     if is_best:
-        atomic_copy(last, os.path.join(cfg.out_dir, "best.pth"))
+        save_checkpoint(weights_checkpoint(ckpt), os.path.join(cfg.out_dir, "best.pth"))
     common.write_json(os.path.join(cfg.out_dir, "history.json"), state.history)
     with open(os.path.join(cfg.out_dir, "history.json")) as f:
         plot_history(json.load(f), cfg.out_dir)

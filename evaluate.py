@@ -28,7 +28,7 @@ def get_args_parser():
                         "bare state_dicts; several are compared on the same images")
     parser.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
                         help="run folders to compare (their best.pth), e.g. checkpoints/*")
-    parser.add_argument("--comparison", default="comparison", metavar="DIR", help="where a comparison of several "
+    parser.add_argument("--comparison", default="checkpoints/comparison", metavar="DIR", help="where a comparison of several "
                         "models goes: comparison.md/.csv, miou_vs_epoch.png, side_by_side.png (default: %(default)s)")
     common.add_data_args(parser)
     parser.add_argument("--split", default="val", help="ImageSets/Segmentation list to evaluate (default: %(default)s)")

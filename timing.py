@@ -169,6 +169,7 @@ def prepare_backends(model, backends, device, x, threads):
         reference = model(x).float()
     ready, unavailable = {}, {}
     for backend in backends:
+        print(f"preparing {backend} ...", flush=True)
         try:
             fn = prepare_backend(model, backend, device, x.shape[-1], threads)
             with torch.inference_mode():

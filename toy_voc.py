@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
+import common
 from common import IGNORE_INDEX, save_mask_png
 
 TOY_VERSION = 1
@@ -79,25 +80,31 @@ def make_toy_voc(toy_dir, seed=0):
     if os.path.exists(stamp) and open(stamp).read().strip() == f"toy v{TOY_VERSION} seed {seed}":
         return root
     tmp = toy_dir + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    tmp_root = os.path.join(tmp, "VOCdevkit", "VOC2012")
-    for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
-        os.makedirs(os.path.join(tmp_root, sub))
-    all_ids = []
-    for split, n in TOY_SIZES.items():
-        ids = [f"toy_{split}_{i:04d}" for i in range(n)]
-        for i, image_id in enumerate(ids):
-            img, mask = _toy_sample(np.random.default_rng([seed, 0 if split == "train" else 1, i]))
-            Image.fromarray(img).save(os.path.join(tmp_root, "JPEGImages", image_id + ".jpg"), quality=92)
-            save_mask_png(mask, os.path.join(tmp_root, "SegmentationClass", image_id + ".png"))
-        with open(os.path.join(tmp_root, "ImageSets", "Segmentation", split + ".txt"), "w") as f:
-            f.write("\n".join(ids) + "\n")
-        all_ids += ids
-    with open(os.path.join(tmp_root, "ImageSets", "Segmentation", "trainval.txt"), "w") as f:
-        f.write("\n".join(all_ids) + "\n")
-    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-        f.write(f"toy v{TOY_VERSION} seed {seed}\n")
+    try:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    except OSError as e:
+        raise SystemExit(f"error: cannot generate the toy set in {toy_dir} ({e.strerror}); point --data-dir at a "
+                         f"writable folder")
+    with common.on_signal_exit(f"generating the toy set in {toy_dir}", cleanup=[tmp]):
+        tmp_root = os.path.join(tmp, "VOCdevkit", "VOC2012")
+        for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
+            os.makedirs(os.path.join(tmp_root, sub), exist_ok=True)
+        all_ids = []
+        for split, n in TOY_SIZES.items():
+            ids = [f"toy_{split}_{i:04d}" for i in range(n)]
+            for i, image_id in enumerate(ids):
+                img, mask = _toy_sample(np.random.default_rng([seed, 0 if split == "train" else 1, i]))
+                Image.fromarray(img).save(os.path.join(tmp_root, "JPEGImages", image_id + ".jpg"), quality=92)
+                save_mask_png(mask, os.path.join(tmp_root, "SegmentationClass", image_id + ".png"))
+            with open(os.path.join(tmp_root, "ImageSets", "Segmentation", split + ".txt"), "w") as f:
+                f.write("\n".join(ids) + "\n")
+            all_ids += ids
+        with open(os.path.join(tmp_root, "ImageSets", "Segmentation", "trainval.txt"), "w") as f:
+            f.write("\n".join(all_ids) + "\n")
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write(f"toy v{TOY_VERSION} seed {seed}\n")
     if os.path.exists(toy_dir):
         shutil.rmtree(toy_dir)
     os.replace(tmp, toy_dir)

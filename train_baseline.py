@@ -23,9 +23,9 @@ def get_args_parser():
 
 def main(args):
     cfg = engine.setup(args, strategy=f"baseline-{args.model}")
+    model = common.build_model(args.model, cfg.data.num_classes, pretrained=not args.no_pretrained)  # fails fast offline
     datasets = common.build_datasets(cfg.data)
     class_weights = common.compute_class_weights(datasets["train"])
-    model = common.build_model(args.model, cfg.data.num_classes, pretrained=not args.no_pretrained)
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(cfg.device), ignore_index=common.IGNORE_INDEX)
 
     def compute_loss(net, batch):

@@ -51,10 +51,10 @@ def main(args):
     device = init_distributed(args.device)
     teacher_dtype = distill.resolve_teacher_dtype(args.teacher_dtype, device)
     cfg = engine.setup(args, strategy="feature-kd", teacher_dtype=teacher_dtype)
+    teacher = distill.build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
+    student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)  # weights before slow work
     datasets = common.build_datasets(cfg.data)
     class_weights = common.compute_class_weights(datasets["train"])
-    teacher = distill.build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
-    student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)
     adapters = build_adapters()
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
     weights = {"stage16": args.feat_weight, "head": args.final_feat_weight}

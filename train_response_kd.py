@@ -49,9 +49,10 @@ def main(args):
     device = init_distributed(args.device)
     teacher_dtype = distill.resolve_teacher_dtype(args.teacher_dtype, device)
     cfg = engine.setup(args, strategy="response-kd", teacher_dtype=teacher_dtype)
+    teacher = distill.build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
+    student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)  # weights before slow work
     datasets = common.build_datasets(cfg.data)
     class_weights = common.compute_class_weights(datasets["train"])
-    teacher = distill.build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
     if not args.no_teacher_cache:
         cache = distill.TeacherLogitCache(teacher, datasets["train"], device, args.batch_size, cfg.data.workers,
                                           teacher_dtype)
@@ -59,7 +60,6 @@ def main(args):
             + (f", built in {cache.build_s:.1f}s" if cache.build_s else " (reused)"))
         datasets["train"].teacher_logits = cache
         teacher = None  # everything the loss needs from it is in the cache now
-    student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
 
     def compute_loss(net, batch):

@@ -10,6 +10,19 @@ VOC_SAMPLE = os.path.join(REPO, "..", "shared", "voc_sample")
 import toy_voc  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory):
+    """The default --cache-dir ($XDG_CACHE_HOME/voc-kd) inside pytest's temporary folder, for this process and the
+    scripts the tests start: the suite never writes to the developer's ~/.cache."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield os.environ["XDG_CACHE_HOME"]
+    if old is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A data dir holding the generated toy set (made once per test session)."""

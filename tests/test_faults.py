@@ -34,10 +34,11 @@ def reference(data_dir, tmp_path_factory):
     return json.loads((out / "history.json").read_text())
 
 
-def _start_and_signal(data_dir, out, sig):
-    """Start a run, send sig once its progress bar shows epoch 1 under way, wait for the exit."""
-    proc = subprocess.Popen([sys.executable, "train_baseline.py", *_args(data_dir, out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start_and_signal(data_dir, out, sig, *extra):
+    """Start a run in its own process group, send sig to the whole group (as `timeout`, SLURM or Ctrl-C do: loader
+    workers included) once its progress bar shows epoch 1 under way, wait for the exit."""
+    proc = subprocess.Popen([sys.executable, "train_baseline.py", *_args(data_dir, out), *extra], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     stderr = []
     reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
     reader.start()
@@ -45,7 +46,7 @@ def _start_and_signal(data_dir, out, sig):
     while not re.search(r"epoch 1: .*\| [1-6]/8 ", "".join(stderr)):
         assert proc.poll() is None and time.time() < deadline, "".join(stderr)[-2000:]
         time.sleep(0.01)
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     proc.wait(timeout=120)
     reader.join(timeout=10)
     return proc.returncode, "".join(stderr)
@@ -60,10 +61,13 @@ def _resume_and_compare(data_dir, out, reference):
             assert a[key] == b[key], (a["epoch"], key)
 
 
-def test_sigterm_inside_an_epoch_saves_and_resumes_exactly(data_dir, tmp_path, reference):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_inside_an_epoch_saves_and_resumes_exactly(sig, data_dir, tmp_path, reference):
     out = tmp_path / "run"
-    code, stderr = _start_and_signal(data_dir, out, signal.SIGTERM)
-    assert code == 1 and "interrupted by SIGTERM" in stderr and "--resume" in stderr
+    code, stderr = _start_and_signal(data_dir, out, sig, "--workers", "2")  # the workers get the signal too
+    name = signal.Signals(sig).name
+    assert code == 1 and f"interrupted by {name}" in stderr and "--resume" in stderr, stderr[-2000:]
+    assert stderr.count(f"{name}: saving") == 1 and "DataLoader worker" not in stderr  # the workers ignored it
     ckpt = torch.load(out / "last.pth", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["partial"]["epoch"] == 1 and 1 <= ckpt["partial"]["step"] < 8
     _resume_and_compare(data_dir, out, reference)
@@ -184,16 +188,17 @@ def test_gradient_accumulation_equals_the_large_batch():
 
 def test_bad_dataset_folder_and_flags_are_one_line_errors(tmp_path, toy_root, capsys):
     proc = subprocess.run([sys.executable, "train_baseline.py", "--data-dir", str(tmp_path / "nowhere"),
-                           "--no-download", "--out-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True,
-                          text=True)
+                           "--no-download", "--no-pretrained", "--out-dir", str(tmp_path / "run")], cwd=REPO,
+                          capture_output=True, text=True)
     last_line = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and last_line.startswith("error: no VOC dataset under --data-dir")
-    assert not (tmp_path / "run" / "last.pth").exists()
+    assert not (tmp_path / "run").exists()  # a failed start leaves no run folder behind
     partial = tmp_path / "partial" / "VOCdevkit" / "VOC2012"  # a half-extracted dataset: no masks folder
     os.makedirs(partial / "JPEGImages")
     os.makedirs(partial / "ImageSets" / "Segmentation")
     with pytest.raises(SystemExit, match="error: no VOC dataset under --data-dir"):
         train_baseline.main(train_baseline.get_args_parser().parse_args(
-            ["--data-dir", str(tmp_path / "partial"), "--no-download", "--out-dir", str(tmp_path / "run")]))
+            ["--data-dir", str(tmp_path / "partial"), "--no-download", "--no-pretrained",
+             "--out-dir", str(tmp_path / "run")]))
     for bad in (["--temperature", "0"], ["--temperature", "-2"], ["--accumulate", "0"]):
         assert_flag_refused(train_response_kd, ["--toy", *bad], capsys)

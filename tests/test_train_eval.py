@@ -44,6 +44,9 @@ def test_baseline_cli_writes_every_output(trained_run):
     assert [h["epoch"] for h in history] == [0, 1]
     assert HISTORY_KEYS <= set(history[0])
     assert 0 <= history[-1]["val_miou"] <= 1 and 0 <= history[-1]["data_wait_frac"] <= 1
+    best = torch.load(trained_run / "best.pth", map_location="cpu", weights_only=True)
+    assert set(best) == {"model", "epoch", "best_miou", "history", "args", "arch", "num_classes"}  # no optimizer state
+    assert os.path.getsize(trained_run / "best.pth") < 0.5 * os.path.getsize(trained_run / "last.pth")
     ckpt = torch.load(trained_run / "last.pth", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "scheduler", "epoch", "best_miou", "history", "args", "arch",
             "num_classes"} <= set(ckpt)
