@@ -21,18 +21,21 @@ def get_args_parser():
     return parser
 
 
+def make_compute_loss(criterion):
+    """compute_loss(net, batch) -> (loss, {term: value}) of the baseline: weighted CE alone."""
+    def compute_loss(net, batch):
+        ce = criterion(net(batch["image"]), batch["mask"])
+        return ce, {"ce": ce}
+    return compute_loss
+
+
 def main(args):
     cfg = engine.setup(args, strategy=f"baseline-{args.model}")
     model = common.build_model(args.model, cfg.data.num_classes, pretrained=not args.no_pretrained)  # fails fast offline
     datasets = common.build_datasets(cfg.data)
     class_weights = common.compute_class_weights(datasets["train"])
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(cfg.device), ignore_index=common.IGNORE_INDEX)
-
-    def compute_loss(net, batch):
-        ce = criterion(net(batch["image"]), batch["mask"])
-        return ce, {"ce": ce}
-
-    return engine.train(model, compute_loss, datasets, criterion, cfg)
+    return engine.train(model, make_compute_loss(criterion), datasets, criterion, cfg)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,21 @@ def cosine_feature_loss(student_feat, teacher_feat, adapter):
     return (1 - F.cosine_similarity(aligned.float(), teacher_feat.float(), dim=1)).mean()
 
 
+def make_compute_loss(criterion, teacher, teacher_dtype, adapters, weights):
+    """compute_loss(net, batch) -> (loss, {term: value}) of feature KD with a live teacher; weights: pair -> weight."""
+    def compute_loss(net, batch):
+        logits, feats = net(batch["image"], return_features=True)
+        with torch.no_grad(), engine.autocast(batch["image"].device, teacher_dtype):
+            _, teacher_feats = teacher(batch["image"].contiguous(memory_format=torch.channels_last),
+                                       return_features=True, upsample=False)
+        parts = {"ce": criterion(logits, batch["mask"])}
+        for s, (t, _, _) in FEATURE_PAIRS.items():
+            parts[f"feat_{s}"] = cosine_feature_loss(feats[s], teacher_feats[t], adapters[s])
+        loss = parts["ce"] + sum(weights[s] * parts[f"feat_{s}"] for s in FEATURE_PAIRS)
+        return loss, parts
+    return compute_loss
+
+
 def main(args):
     device = init_distributed(args.device)
     teacher_dtype = distill.resolve_teacher_dtype(args.teacher_dtype, device)
@@ -58,18 +73,7 @@ def main(args):
     adapters = build_adapters()
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
     weights = {"stage16": args.feat_weight, "head": args.final_feat_weight}
-
-    def compute_loss(net, batch):
-        logits, feats = net(batch["image"], return_features=True)
-        with torch.no_grad(), engine.autocast(device, teacher_dtype):
-            _, teacher_feats = teacher(batch["image"].contiguous(memory_format=torch.channels_last),
-                                       return_features=True, upsample=False)
-        parts = {"ce": criterion(logits, batch["mask"])}
-        for s, (t, _, _) in FEATURE_PAIRS.items():
-            parts[f"feat_{s}"] = cosine_feature_loss(feats[s], teacher_feats[t], adapters[s])
-        loss = parts["ce"] + sum(weights[s] * parts[f"feat_{s}"] for s in FEATURE_PAIRS)
-        return loss, parts
-
+    compute_loss = make_compute_loss(criterion, teacher, teacher_dtype, adapters, weights)
     return engine.train(student, compute_loss, datasets, criterion, cfg, adapters=adapters)
 
 

@@ -45,6 +45,22 @@ def response_kd_loss(student_logits, teacher_logits, target, temperature):
     return kl[valid].sum() / valid.sum().clamp(min=1) * temperature ** 2
 
 
+def make_compute_loss(criterion, teacher, teacher_dtype, temperature, ce_weight, soft_target_weight):
+    """compute_loss(net, batch) -> (loss, {term: value}) of response KD; teacher=None reads the batch's cached
+    teacher logits (TeacherLogitCache), else the teacher runs live on the augmented batch."""
+    def compute_loss(net, batch):
+        logits = net(batch["image"])
+        if teacher is not None:
+            with torch.no_grad(), engine.autocast(batch["image"].device, teacher_dtype):
+                teacher_logits = teacher(batch["image"].contiguous(memory_format=torch.channels_last)).float()
+        else:
+            teacher_logits = distill.cached_teacher_logits(batch)
+        ce = criterion(logits, batch["mask"])
+        kd = response_kd_loss(logits.float(), teacher_logits, batch["mask"], temperature)
+        return ce_weight * ce + soft_target_weight * kd, {"ce": ce, "kd": kd}
+    return compute_loss
+
+
 def main(args):
     device = init_distributed(args.device)
     teacher_dtype = distill.resolve_teacher_dtype(args.teacher_dtype, device)
@@ -61,18 +77,8 @@ def main(args):
         datasets["train"].teacher_logits = cache
         teacher = None  # everything the loss needs from it is in the cache now
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
-
-    def compute_loss(net, batch):
-        logits = net(batch["image"])
-        if args.no_teacher_cache:
-            with torch.no_grad(), engine.autocast(device, teacher_dtype):
-                teacher_logits = teacher(batch["image"].contiguous(memory_format=torch.channels_last)).float()
-        else:
-            teacher_logits = distill.cached_teacher_logits(batch)
-        ce = criterion(logits, batch["mask"])
-        kd = response_kd_loss(logits.float(), teacher_logits, batch["mask"], args.temperature)
-        return args.ce_weight * ce + args.soft_target_weight * kd, {"ce": ce, "kd": kd}
-
+    compute_loss = make_compute_loss(criterion, teacher, teacher_dtype, args.temperature, args.ce_weight,
+                                     args.soft_target_weight)
     return engine.train(student, compute_loss, datasets, criterion, cfg)
 
 

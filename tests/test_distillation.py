@@ -134,10 +134,10 @@ def test_cached_logits_equal_live_teacher_without_augmentation(precision, data_d
     kd_cached = train_response_kd.response_kd_loss(live * 0.5, cached, mask, 2.0)
     kd_live = train_response_kd.response_kd_loss(live * 0.5, live, mask, 2.0)
     assert kd_cached.item() == pytest.approx(kd_live.item(), rel=1e-3, abs=1e-4)
-    if precision == "bf16":  # bf16 targets stay within bf16's roundoff of the fp32 ones on average
+    if precision == "bf16":  # bf16 targets stay within a few bf16 roundoffs of the fp32 ones on average
         with torch.no_grad():
             exact = torch.cat([teacher(b["image"]) for b in batches])
-        assert 0 < (cached - exact).abs().mean().item() <= UNIT_ROUNDOFF["bf16"] * scale
+        assert 0 < (cached - exact).abs().mean().item() <= 4 * UNIT_ROUNDOFF["bf16"] * scale
         assert (cached.argmax(1) == exact.argmax(1)).float().mean().item() >= 0.98
     # with augmentation on, the cached logits follow the sample's crop/flip: same shape as the mask
     dataset.augment = True

@@ -1,0 +1,175 @@
+"""Training throughput of the real recipe (student at 256 x 256, batch 16): train img/s and data-wait fraction for the
+baseline, response KD (teacher-logit cache) and feature KD (live teacher), the cache build's img/s, and the loader
+alone. Random weights (the speed is the same), the toy set or VOC; the last line of stdout is one JSON document.
+
+    python bench_throughput.py --toy                                   # CUDA if available, else CPU (slow: minutes)
+    python bench_throughput.py --toy --amp --workers 8 --json bench.json          # the GPU recipe
+    python bench_throughput.py --toy --image-size 64 --batch-size 4 --steps 3     # a quick look on a CPU
+    python bench_throughput.py --toy --memory-format both                # channels_last vs contiguous, in turns
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+import common
+import distill
+import engine
+import train_baseline
+import train_feature_kd
+import train_response_kd
+from distributed import init_distributed
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Training throughput of each strategy, the cache build and the loader.")
+    common.add_data_args(parser)
+    parser.set_defaults(image_size=256)
+    parser.add_argument("--batch-size", type=common.positive_int, default=16, help="batch size (default: %(default)s)")
+    parser.add_argument("--steps", type=common.positive_int, default=20,
+                        help="timed training steps per strategy, after --warmup (default: %(default)s)")
+    parser.add_argument("--warmup", type=common.non_negative_int, default=3,
+                        help="untimed steps first (allocator, cuDNN autotuning) (default: %(default)s)")
+    engine.add_amp_arg(parser)
+    parser.add_argument("--memory-format", choices=("channels_last", "contiguous", "both"), default="channels_last",
+                        help="layout of the training step; both: each strategy in both layouts (default: %(default)s)")
+    parser.add_argument("--strategies", default="baseline,response-kd,feature-kd",
+                        help="comma-separated subset of baseline,response-kd,feature-kd (default: all)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH")
+    return parser
+
+
+def loader_throughput(dataset, batch_size, workers, batches):
+    """img/s of the training loader alone (decode from the pixel cache, augmentation warp, collate)."""
+    loader = engine.make_loader(dataset, batch_size, workers, shuffle=True, generator=torch.Generator().manual_seed(0))
+    n, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(loader):
+        n += batch["image"].shape[0]
+        if i + 1 == batches:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+class Take:
+    """The first n batches of a loader, with a length (train_one_epoch's progress bar needs one)."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, min(n, len(loader))
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return (batch for _, batch in zip(range(self.n), self.loader))
+
+
+def train_throughput(model, compute_loss, dataset, cfg, warmup, steps, adapters=None):
+    """(img/s, data-wait fraction) of `steps` steps of engine.train_one_epoch, after `warmup` untimed steps."""
+    adapters = adapters if adapters is not None else nn.ModuleDict()
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(cfg.device, memory_format=layout)
+    net = engine.TrainModule(model, adapters.to(cfg.device))
+    optimizer = torch.optim.Adam(list(model.parameters()) + list(adapters.parameters()), lr=1e-4)
+    scaler = torch.amp.GradScaler(cfg.device.type) if cfg.precision == "fp16" else None
+    for batches, progress in ((warmup, engine.EpochProgress(0)), (steps, engine.EpochProgress(1))):
+        if batches == 0:
+            continue
+        loader = engine.make_loader(dataset, cfg.batch_size, cfg.data.workers, shuffle=True,
+                                    generator=torch.Generator().manual_seed(progress.epoch))
+        engine.train_one_epoch(net, compute_loss, Take(loader, batches), optimizer, scaler, progress, cfg)
+        if cfg.device.type == "cuda":
+            torch.cuda.synchronize()
+    return progress.images / progress.seconds, progress.wait / progress.seconds
+
+
+def strategy_losses(name, criterion, cfg, teacher, teacher_dtype, dataset):
+    """(compute_loss, adapters) of one strategy, as its training script builds them."""
+    if name == "baseline":
+        return train_baseline.make_compute_loss(criterion), None
+    if name == "response-kd":
+        dataset.teacher_logits = teacher_cache(teacher, dataset, cfg, teacher_dtype)["cache"]
+        return train_response_kd.make_compute_loss(criterion, None, teacher_dtype, 2.0, 0.5, 0.5), None
+    adapters = train_feature_kd.build_adapters()
+    weights = {"stage16": 0.1, "head": 0.5}
+    return train_feature_kd.make_compute_loss(criterion, teacher, teacher_dtype, adapters, weights), adapters
+
+
+_CACHES = {}
+
+
+def teacher_cache(teacher, dataset, cfg, teacher_dtype):
+    """The teacher-logit cache of dataset, built once per run in a fresh folder, and its build rate."""
+    if "cache" not in _CACHES:
+        cache = distill.TeacherLogitCache(teacher, dataset, cfg.device, cfg.batch_size, cfg.data.workers, teacher_dtype)
+        _CACHES.update(cache=cache, img_s=len(dataset) / cache.build_s)
+    return _CACHES
+
+
+def main(args):
+    device = init_distributed(args.device)
+    precision, teacher_dtype = engine.resolve_amp(args.amp, device), distill.resolve_teacher_dtype(None, device)
+    with tempfile.TemporaryDirectory() as tmp:  # a fresh cache: the teacher-logit cache is always built here
+        data = common.data_config(args)
+        needed = (args.warmup + args.steps) * args.batch_size
+        data = dataclasses.replace(data, cache_dir=data.cache_dir if args.cache_dir else tmp,
+                                   limit_train=min(needed, data.limit_train or needed))
+        dataset = common.build_datasets(data, splits=("train",))["train"]
+        if len(dataset) < needed:
+            raise SystemExit(f"error: the training set has {len(dataset)} images, --warmup + --steps need "
+                             f"{needed} at --batch-size {args.batch_size}; lower --steps")
+        criterion = nn.CrossEntropyLoss(ignore_index=common.IGNORE_INDEX)
+        teacher = common.build_teacher(data.num_classes, pretrained=False).eval().requires_grad_(False)
+        teacher.to(device, memory_format=torch.channels_last)
+        result = {"device": describe(device), "torch": torch.__version__, "image_size": data.image_size,
+                  "batch_size": args.batch_size, "precision": precision, "teacher_dtype": teacher_dtype,
+                  "workers": data.workers, "steps": args.steps,
+                  "loader_img_s": loader_throughput(dataset, args.batch_size, data.workers, args.steps), "train": {}}
+        print(f"loader alone: {result['loader_img_s']:.1f} img/s ({data.workers} workers)", flush=True)
+        layouts = ("channels_last", "contiguous") if args.memory_format == "both" else (args.memory_format,)
+        for name in args.strategies.split(","):
+            for layout in layouts:
+                cfg = bench_config(device, data, args.batch_size, precision, layout == "channels_last")
+                torch.manual_seed(0)
+                student = common.build_student(data.num_classes, pretrained=False)
+                compute_loss, adapters = strategy_losses(name, criterion.to(device), cfg, teacher, teacher_dtype,
+                                                         dataset)
+                img_s, wait = train_throughput(student, compute_loss, dataset, cfg, args.warmup, args.steps, adapters)
+                key = name if len(layouts) == 1 else f"{name} {layout}"
+                result["train"][key] = {"img_s": img_s, "data_wait_frac": wait}
+                print(f"{key:>28s}: {img_s:8.1f} img/s, data wait {100 * wait:4.1f}%", flush=True)
+                dataset.teacher_logits = None
+        if "cache" in _CACHES:
+            result["teacher_cache_build_img_s"] = _CACHES["img_s"]
+            print(f"teacher-logit cache build: {_CACHES['img_s']:.1f} img/s", flush=True)
+            _CACHES.clear()
+    if args.json:
+        common.write_json(args.json, result)
+    print(json.dumps(result, separators=(",", ":")))
+    return result
+
+
+def bench_config(device, data, batch_size, precision, channels_last):
+    """A TrainConfig for timing steps: no sync points inside the timed steps but the last."""
+    return engine.TrainConfig("bench", device, data, "", None, 1, batch_size, 1e-4, 0.0, 0.5, 5, 1, precision, 1,
+                              channels_last, False, False, 10 ** 9, {})
+
+
+def describe(device):
+    """The machine in words, for the figures: GPU name, or the CPU model from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    name = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):  # Linux: the model name ("AMD EPYC 9B14", "Intel Xeon ...")
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"CPU {name}, {torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU check in one command: the `cuda` tests, then the training-throughput benchmark (bench_throughput.py) on the
+# toy set and on a real-VOC subset. Writes OUT/log.txt, OUT/cuda_tests.xml and OUT/figures.json (default OUT: gpu_check/).
+#
+#   bash tools/gpu_check.sh [OUT]
+#
+# Needs python3 with torch, torchvision, numpy, tqdm, matplotlib, onnx, onnxruntime, scipy, pillow, pytest; no network.
+# The VOC subset: voc_subset/ (python tools/voc_subset.py ../shared/voc_sample voc_subset --max-mb 20 makes it, and
+# this script does when ../shared/voc_sample is beside the repo). On a machine without CUDA the CUDA part is skipped
+# (one line says so) and the benchmark runs a small CPU setting, so every figure is still there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-gpu_check}"
+mkdir -p "$out"
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python
+exec > >(tee "$out/log.txt") 2>&1
+export XDG_CACHE_HOME="$PWD/$out/cache" MPLCONFIGDIR="$PWD/$out/mpl"
+echo "gpu_check $(date -u +%FT%TZ) in $PWD with $($python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"
+if [ ! -d voc_subset ] && [ -d ../shared/voc_sample ]; then
+    $python tools/voc_subset.py ../shared/voc_sample voc_subset --max-mb 20
+fi
+status=0
+if $python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    $python -m pytest -q -m cuda tests -p no:cacheprovider -rs --junitxml "$out/cuda_tests.xml" || status=1
+    bench=(--amp --workers 8 --batch-size 16 --image-size 256)
+    toy_steps=15   # the toy set's 300 training images: (3 warm-up + 15) x 16
+    voc_steps=8
+else
+    echo "no CUDA device here: the cuda tests are skipped; the benchmark runs a small CPU setting"
+    bench=(--workers 2 --batch-size 4 --image-size 64)
+    toy_steps=3
+    voc_steps=2
+fi
+$python bench_throughput.py --toy --data-dir "$out/data" "${bench[@]}" --steps $toy_steps \
+    --json "$out/bench_toy.json" || status=1
+if [ -d voc_subset ]; then
+    $python bench_throughput.py --data-dir voc_subset --no-download "${bench[@]}" --steps $voc_steps \
+        --json "$out/bench_voc.json" || status=1
+else
+    echo "no voc_subset/ (and no ../shared/voc_sample to make it from): the real-VOC benchmark is skipped"
+fi
+$python - "$out" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+figures = {name: json.load(open(os.path.join(out, f"bench_{name}.json")))
+           for name in ("toy", "voc") if os.path.isfile(os.path.join(out, f"bench_{name}.json"))}
+json.dump(figures, open(os.path.join(out, "figures.json"), "w"), indent=1)
+for name, f in figures.items():
+    train = ", ".join(f"{k} {v['img_s']:.0f} img/s (wait {100 * v['data_wait_frac']:.0f}%)" for k, v in f["train"].items())
+    print(f"{name}: {f['device']}, {f['image_size']}px batch {f['batch_size']} {f['precision']}: {train}; "
+          f"teacher cache build {f['teacher_cache_build_img_s']:.0f} img/s; loader {f['loader_img_s']:.0f} img/s")
+PY
+echo "gpu_check done (status $status): $out/log.txt, $out/figures.json"
+exit $status
