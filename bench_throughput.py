@@ -21,6 +21,7 @@ import torch.nn as nn
 import common
 import distill
 import engine
+import flags
 import train_baseline
 import train_feature_kd
 import train_response_kd
@@ -28,13 +29,14 @@ from distributed import init_distributed
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Training throughput of each strategy, the cache build and the loader.")
-    common.add_data_args(parser)
+    parser = argparse.ArgumentParser(
+        description="Training throughput of each strategy, the cache build and the loader.")
+    flags.add_data_args(parser)
     parser.set_defaults(image_size=256)
-    parser.add_argument("--batch-size", type=common.positive_int, default=16, help="batch size (default: %(default)s)")
-    parser.add_argument("--steps", type=common.positive_int, default=20,
+    parser.add_argument("--batch-size", type=flags.positive_int, default=16, help="batch size (default: %(default)s)")
+    parser.add_argument("--steps", type=flags.positive_int, default=20,
                         help="timed training steps per strategy, after --warmup (default: %(default)s)")
-    parser.add_argument("--warmup", type=common.non_negative_int, default=3,
+    parser.add_argument("--warmup", type=flags.non_negative_int, default=3,
                         help="untimed steps first (allocator, cuDNN autotuning) (default: %(default)s)")
     engine.add_amp_arg(parser)
     parser.add_argument("--memory-format", choices=("channels_last", "contiguous", "both"), default="channels_last",

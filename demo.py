@@ -1,10 +1,12 @@
-"""The whole story on the offline toy set: fine-tune the teacher, train baseline / response-KD / feature-KD
-students with the same epochs, data and seed, evaluate all four, print one table and draw the plots.
+"""The whole story on the offline toy set: fine-tune the teacher, train the baseline, response-KD and feature-KD
+students on the same data for several seeds, and report each student's final val mIoU as mean +- std over the seeds,
+the teacher as the reference; also measures how faithful the teacher-logit cache is under augmentation.
 
-    python demo.py                       # ~10 min on 2 CPU cores; results in checkpoints/demo/
-    python demo.py --data-dir ./data --image-size 256 --epochs 50 --teacher-epochs 0   # real VOC, pretrained teacher
+    python demo.py                       # ~9 min on 2 CPU cores; results in checkpoints/demo/
+    python demo.py --seeds 0,1,2 --live-kd   # + response KD with the live teacher: cache vs live on the same seeds
+    python demo.py --real --data-dir ./data --image-size 256 --epochs 50 --teacher-epochs 0 --pretrained
 
-Each step resumes if its run folder already holds a checkpoint, so an interrupted demo continues.
+Each run resumes if its folder already holds a checkpoint, so an interrupted demo continues where it stopped.
 --teacher-epochs 0 skips fine-tuning and distils from torchvision's pretrained teacher.
 """
 import argparse
@@ -12,80 +14,148 @@ import json
 import os
 import statistics
 
+import torch
+
 import common
+import distill
 import engine
-import evaluate
+import flags
 import train_baseline
 import train_feature_kd
 import train_response_kd
+
+STRATEGIES = {"baseline": (train_baseline, []), "response-kd": (train_response_kd, []),
+              "feature-kd": (train_feature_kd, []), "response-kd-live": (train_response_kd, ["--no-teacher-cache"])}
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Teacher, baseline, response-KD and feature-KD students, compared.")
     parser.add_argument("--data-dir", default="./data", help="data folder (default: %(default)s)")
     parser.add_argument("--real", action="store_true", help="use VOC 2012 under --data-dir instead of the toy set")
-    parser.add_argument("--out-dir", default="checkpoints/demo", help="folder of the four runs (default: %(default)s)")
-    parser.add_argument("--epochs", type=common.positive_int, default=5,
+    parser.add_argument("--out-dir", default="checkpoints/demo", help="folder of all runs (default: %(default)s)")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds of the students (default: %(default)s)")
+    parser.add_argument("--epochs", type=flags.positive_int, default=10,
                         help="epochs of each student (default: %(default)s)")
-    parser.add_argument("--teacher-epochs", type=int, default=2,
+    parser.add_argument("--teacher-epochs", type=flags.non_negative_int, default=12,
                         help="epochs of teacher fine-tuning; 0 = use the pretrained teacher as is "
                              "(default: %(default)s)")
-    parser.add_argument("--image-size", type=common.positive_int, default=96, help="input size (default: %(default)s)")
-    parser.add_argument("--batch-size", type=common.positive_int, default=8, help="batch size (default: %(default)s)")
-    parser.add_argument("--lr", type=common.positive_float, default=2e-3,
+    parser.add_argument("--image-size", type=flags.image_size, default=64, help="input size (default: %(default)s)")
+    parser.add_argument("--batch-size", type=flags.positive_int, default=8, help="batch size (default: %(default)s)")
+    parser.add_argument("--lr", type=flags.positive_float, default=2e-3,
                         help="Adam lr for every run; 2e-3 suits the from-scratch toy runs (default: %(default)s)")
+    parser.add_argument("--live-kd", action="store_true",
+                        help="also train response KD with the live teacher (--no-teacher-cache) for every seed")
     parser.add_argument("--pretrained", action="store_true",
                         help="start from torchvision's pretrained weights (needs them downloaded)")
-    parser.add_argument("--seed", type=int, default=0, help="seed shared by every run (default: %(default)s)")
     return parser
 
 
-def run(module, run_dir, flags):
+def run(module, run_dir, argv):
     """Run one training script in-process; continue it if run_dir already holds a checkpoint."""
     resume = ["--resume"] if os.path.isfile(os.path.join(run_dir, "last.pth")) else []
-    module.main(module.get_args_parser().parse_args(flags + ["--out-dir", run_dir] + resume))
+    module.main(module.get_args_parser().parse_args(argv + ["--out-dir", run_dir] + resume))
+
+
+def summarise(label, run_dirs):
+    """One table row: final val mIoU / pixel acc as mean +- std over the runs (one per seed), epochs, epoch time."""
+    histories = [json.load(open(os.path.join(d, "history.json"))) for d in run_dirs]
+    final = [100 * h[-1]["val_miou"] for h in histories]
+    acc = [100 * h[-1]["val_pixel_acc"] for h in histories]
+    model = common.load_model(os.path.join(run_dirs[0], "best.pth")).model
+    return {"model": label, "params_m": common.count_params(model) / 1e6, "seeds": len(run_dirs),
+            "miou": statistics.mean(final), "miou_std": statistics.stdev(final) if len(final) > 1 else 0.0,
+            "miou_runs": final, "pixel_acc": statistics.mean(acc), "epochs": len(histories[0]),
+            "epoch_s": statistics.median(r["epoch_s"] for h in histories for r in h), "histories": histories}
+
+
+def write_results(rows, out_dir):
+    """results.md / results.json, miou_all.png (every run per epoch) and summary.png (final mIoU, error bars)."""
+    table = ["| model | params (M) | seeds | final val mIoU (mean +- std) | per seed | pixel acc | epochs | "
+             "median epoch (s) |", "|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['model']} | {r['params_m']:.2f} | {r['seeds']} | {r['miou']:.2f} +- {r['miou_std']:.2f} | "
+              f"{', '.join(f'{v:.2f}' for v in r['miou_runs'])} | {r['pixel_acc']:.2f} | {r['epochs']} | "
+              f"{r['epoch_s']:.1f} |" for r in rows]
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    common.write_json(os.path.join(out_dir, "results.json"),
+                      [{k: v for k, v in r.items() if k != "histories"} for r in rows])
+    engine.plot_runs_miou({f"{r['model']} (seed {i})" if r["seeds"] > 1 else r["model"]: h
+                           for r in rows for i, h in enumerate(r["histories"])},
+                          os.path.join(out_dir, "miou_all.png"))
+    plot_summary(rows, os.path.join(out_dir, "summary.png"))
+    print("\n".join(table))
+    return table
+
+
+def plot_summary(rows, path):
+    """Final val mIoU per student strategy (mean, std error bars, each seed as a dot), the teacher as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    students = [r for r in rows if r["model"] != "teacher"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = range(len(students))
+    ax.bar(xs, [r["miou"] for r in students], yerr=[r["miou_std"] for r in students], capsize=6, color="tab:blue",
+           alpha=0.7, label=f"student, mean +- std over {students[0]['seeds']} seeds")
+    for x, r in zip(xs, students):
+        ax.plot([x] * len(r["miou_runs"]), r["miou_runs"], "k.", label="one seed" if x == 0 else None)
+    teacher = [r for r in rows if r["model"] == "teacher"]
+    if teacher:
+        ax.axhline(teacher[0]["miou"], color="tab:red", linestyle="--", label=f"teacher ({teacher[0]['miou']:.1f})")
+    ax.set_xticks(list(xs), [r["model"] for r in students])
+    ax.set(ylabel="final val mIoU (%)", title="Students after the same epochs, data and seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def measure_cache_fidelity(args, teacher_path, out_dir):
+    """The teacher-logit cache against the live teacher on augmented crops of the training set (fidelity.json)."""
+    parsed = train_response_kd.get_args_parser().parse_args(
+        [f"--image-size={args.image_size}", "--data-dir", args.data_dir, "--workers", "0"]
+        + ([] if args.real else ["--toy"]))
+    data = common.data_config(parsed)
+    dataset = common.build_datasets(data, splits=("train",))["train"]
+    cpu = torch.device("cpu")
+    teacher = distill.build_frozen_teacher(teacher_path, data.num_classes, cpu, "fp32")
+    cache = distill.TeacherLogitCache(teacher, dataset, cpu, args.batch_size, 0, "fp32")
+    fidelity = {f"T={t:g}": distill.cache_fidelity(teacher, dataset, cache, cpu, "fp32", args.batch_size, t)
+                for t in (1.0, 2.0)}
+    common.write_json(os.path.join(out_dir, "fidelity.json"), fidelity)
+    for t, f in fidelity.items():
+        print(f"teacher-logit cache vs live teacher on augmented training crops ({t}): argmax agreement "
+              f"{100 * f['argmax_agreement']:.2f}%, mean KL(live || cached) {f['kl_live_cached']:.4f} over "
+              f"{f['pixels']:,} pixels")
+    return fidelity
 
 
 def main(args):
+    seeds = [int(s) for s in args.seeds.split(",")]
     shared = ["--data-dir", args.data_dir, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-              "--lr", str(args.lr), "--seed", str(args.seed)] + ([] if args.real else ["--toy"]) \
-        + ([] if args.pretrained else ["--no-pretrained"])
-    runs = {}
+              "--lr", str(args.lr)] + ([] if args.real else ["--toy"])
+    shared += [] if args.pretrained else ["--no-pretrained"]
+    runs, teacher_flag = {}, []
     if args.teacher_epochs > 0:
-        runs["teacher"] = os.path.join(args.out_dir, "teacher")
-        run(train_baseline, runs["teacher"], shared + ["--model", "teacher", "--epochs", str(args.teacher_epochs)])
-        teacher_flag = ["--teacher-weights", os.path.join(runs["teacher"], "best.pth")]
-    else:
-        teacher_flag = []
-    student = shared + ["--epochs", str(args.epochs)]
-    for name, module, extra in (("baseline", train_baseline, []), ("response-kd", train_response_kd, teacher_flag),
-                                ("feature-kd", train_feature_kd, teacher_flag)):
-        runs[name] = os.path.join(args.out_dir, name)
-        run(module, runs[name], student + extra)
-
-    rows = []
-    for name, run_dir in runs.items():
-        metrics_path = os.path.join(run_dir, "val_metrics.json")
-        eval_flags = ["--weights", os.path.join(run_dir, "best.pth"), "--data-dir", args.data_dir,
-                      "--json", metrics_path] + ([] if args.real else ["--toy"])
-        evaluate.main(evaluate.get_args_parser().parse_args(eval_flags))
-        with open(metrics_path) as f:
-            metrics = json.load(f)
-        with open(os.path.join(run_dir, "history.json")) as f:
-            history = json.load(f)
-        model = common.load_model(os.path.join(run_dir, "best.pth")).model
-        rows.append({"model": name, "params_m": common.count_params(model) / 1e6, "miou": 100 * metrics["miou"],
-                     "pixel_acc": 100 * metrics["pixel_acc"], "epochs": len(history),
-                     "epoch_s": statistics.median(h["epoch_s"] for h in history), "history": history})
-    table = ["| model | params (M) | val mIoU | pixel acc | epochs | median epoch time (s) |",
-             "|---|---|---|---|---|---|"]
-    table += [f"| {r['model']} | {r['params_m']:.2f} | {r['miou']:.2f} | {r['pixel_acc']:.2f} | {r['epochs']} | "
-              f"{r['epoch_s']:.1f} |" for r in rows]
-    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
-    engine.plot_runs_miou({r["model"]: r["history"] for r in rows}, os.path.join(args.out_dir, "miou_all.png"))
-    print("\n".join(table))
-    print(f"table: {args.out_dir}/results.md, plot: {args.out_dir}/miou_all.png, per-run plots in each run folder")
+        runs["teacher"] = [os.path.join(args.out_dir, "teacher")]
+        run(train_baseline, runs["teacher"][0], shared + ["--model", "teacher", "--epochs", str(args.teacher_epochs),
+                                                          "--seed", "0"])
+        teacher_flag = ["--teacher-weights", os.path.join(runs["teacher"][0], "best.pth")]
+    names = [n for n in STRATEGIES if n != "response-kd-live" or args.live_kd]
+    for name in names:
+        module, extra = STRATEGIES[name]
+        runs[name] = [os.path.join(args.out_dir, f"{name}_seed{seed}") for seed in seeds]
+        for seed, run_dir in zip(seeds, runs[name]):
+            run(module, run_dir, shared + ["--epochs", str(args.epochs), "--seed", str(seed)] + extra
+                + ([] if module is train_baseline else teacher_flag))
+    rows = [summarise(name, dirs) for name, dirs in runs.items()]
+    write_results(rows, args.out_dir)
+    if args.teacher_epochs > 0:
+        measure_cache_fidelity(args, teacher_flag[1], args.out_dir)
+    print(f"table: {args.out_dir}/results.md, plots: {args.out_dir}/summary.png and miou_all.png, "
+          f"per-run plots in each run folder")
+    return rows
 
 
 if __name__ == "__main__":

@@ -111,3 +111,25 @@ def cached_teacher_logits(batch):
     """Cached native-resolution teacher logits resampled with each sample's augmentation grid (B, C, S, S)."""
     return F.grid_sample(batch["teacher_logits"].float(), batch["grid"], mode="bilinear", padding_mode="border",
                          align_corners=False)  # border: edges replicate exactly as the live teacher's F.interpolate
+
+
+@torch.no_grad()
+def cache_fidelity(teacher, dataset, cache, device, precision, batch_size=8, temperature=1.0):
+    """How well the cached, grid-warped logits stand in for the live teacher on augmented training crops: argmax
+    agreement over non-ignore pixels and mean KL(p_live || p_cached) per such pixel (softmax at `temperature`)."""
+    previous, dataset.teacher_logits = dataset.teacher_logits, cache
+    loader = engine.make_loader(dataset, batch_size, 0, shuffle=True, generator=torch.Generator().manual_seed(0))
+    agree = kl = pixels = 0.0
+    for batch in loader:
+        x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
+        with engine.autocast(device, precision):
+            live = teacher(x).float()
+        cached = cached_teacher_logits({k: batch[k].to(device) for k in ("teacher_logits", "grid")})
+        valid = batch["mask"].to(device) != common.IGNORE_INDEX
+        log_live, log_cached = F.log_softmax(live / temperature, 1), F.log_softmax(cached / temperature, 1)
+        kl_map = (log_live.exp() * (log_live - log_cached)).sum(1)
+        agree += float(((live.argmax(1) == cached.argmax(1)) & valid).sum())
+        kl += float(kl_map[valid].sum())
+        pixels += float(valid.sum())
+    dataset.teacher_logits = previous
+    return {"argmax_agreement": agree / pixels, "kl_live_cached": kl / pixels, "pixels": int(pixels)}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import flags
 from distributed import (all_reduce_sum, broadcast_buffers, broadcast_object, init_distributed, is_distributed,
                          is_main, log, rank, world_size)
 
@@ -75,15 +76,15 @@ def add_amp_arg(parser):
 
 def add_training_args(parser, default_epochs=50):
     """Flags of the shared training loop (every train_*.py)."""
-    common.add_data_args(parser)
-    pos_int, pos_float, nonneg_int, nonneg_float = (common.positive_int, common.positive_float,
-                                                    common.non_negative_int, common.non_negative_float)
+    flags.add_data_args(parser)
+    pos_int, pos_float, nonneg_int, nonneg_float = (flags.positive_int, flags.positive_float,
+                                                    flags.non_negative_int, flags.non_negative_float)
     parser.add_argument("--epochs", type=pos_int, default=default_epochs, help="epochs (default: %(default)s)")
     parser.add_argument("--batch-size", type=pos_int, default=16, help="batch size per process (default: %(default)s)")
     parser.add_argument("--lr", type=pos_float, default=1e-4, help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--weight-decay", type=nonneg_float, default=1e-5,
                         help="Adam weight decay (default: %(default)s)")
-    parser.add_argument("--lr-factor", type=common.fraction, default=0.5,
+    parser.add_argument("--lr-factor", type=flags.fraction, default=0.5,
                         help="ReduceLROnPlateau factor on val mIoU, in (0, 1) (default: %(default)s)")
     parser.add_argument("--lr-patience", type=nonneg_int, default=5,
                         help="ReduceLROnPlateau patience in epochs (default: %(default)s)")
@@ -149,11 +150,11 @@ def setup(args, strategy, **resolved):
         raise SystemExit("error: --sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop it on CPU")
     out_dir, resume = resolve_run_folder(args.out_dir, args.resume, strategy)
     seed_everything(args.seed)
-    flags = dict(vars(args), strategy=strategy, out_dir=out_dir, resume=resume, amp=precision,
+    recorded = dict(vars(args), strategy=strategy, out_dir=out_dir, resume=resume, amp=precision,
                  image_size=data.image_size, cache_dir=data.cache_dir, **resolved)
     return TrainConfig(strategy, device, data, out_dir, resume, args.epochs, args.batch_size, args.lr,
                        args.weight_decay, args.lr_factor, args.lr_patience, args.save_every, precision,
-                       args.accumulate, args.channels_last, args.sync_bn, args.skip_nonfinite, args.log_every, flags)
+                       args.accumulate, args.channels_last, args.sync_bn, args.skip_nonfinite, args.log_every, recorded)
 
 
 def seed_everything(seed):
@@ -404,10 +405,10 @@ RESUME_MAY_CHANGE = {"workers", "device", "out_dir", "resume", "log_every", "sav
                      "skip_nonfinite", "channels_last", "data_dir"}
 
 
-def check_same_experiment(saved, flags, path):
+def check_same_experiment(saved, current, path):
     """--resume must continue the same experiment: one line listing every flag that differs."""
-    diffs = [f"--{k.replace('_', '-')} {saved[k]} -> {flags[k]}" for k in sorted(flags)
-             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != flags[k]]
+    diffs = [f"--{k.replace('_', '-')} {saved[k]} -> {current[k]}" for k in sorted(current)
+             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != current[k]]
     if diffs:
         raise SystemExit(f"error: --resume {path} was trained with other settings ({'; '.join(diffs)}); resume with "
                          f"the same flags or start a new --out-dir")

@@ -19,6 +19,7 @@ from PIL import Image
 
 import common
 import engine
+import flags
 from distributed import init_distributed
 
 
@@ -28,18 +29,19 @@ def get_args_parser():
                         "bare state_dicts; several are compared on the same images")
     parser.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
                         help="run folders to compare (their best.pth), e.g. checkpoints/*")
-    parser.add_argument("--comparison", default="checkpoints/comparison", metavar="DIR", help="where a comparison of several "
-                        "models goes: comparison.md/.csv, miou_vs_epoch.png, side_by_side.png (default: %(default)s)")
-    common.add_data_args(parser)
+    parser.add_argument("--comparison", default="checkpoints/comparison", metavar="DIR",
+                        help="where a comparison of several models goes: comparison.md/.csv, miou_vs_epoch.png, "
+                             "side_by_side.png (default: %(default)s)")
+    flags.add_data_args(parser)
     parser.add_argument("--split", default="val", help="ImageSets/Segmentation list to evaluate (default: %(default)s)")
-    parser.add_argument("--batch-size", type=common.positive_int, default=8, help="batch size (default: %(default)s)")
+    parser.add_argument("--batch-size", type=flags.positive_int, default=8, help="batch size (default: %(default)s)")
     engine.add_amp_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON to PATH")
     parser.add_argument("--save-predictions", default=None, metavar="DIR",
                         help="write each prediction as a VOC-palette PNG named by image id")
     parser.add_argument("--save-vis", default=None, metavar="DIR", help="write panels (image | ground truth | "
                         "prediction | errors) of the worst and best images by per-image mIoU to DIR")
-    parser.add_argument("--num-vis", type=common.positive_int, default=8,
+    parser.add_argument("--num-vis", type=flags.positive_int, default=8,
                         help="panels for --save-vis: half worst, half best (default: %(default)s)")
     parser.add_argument("--html", default=None, metavar="DIR", help="write DIR/index.html: every image, ground truth "
                         "and prediction with its mIoU, sortable; opens from disk, no server or network")

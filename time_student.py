@@ -8,6 +8,7 @@
 import argparse
 
 import common
+import flags
 import timing
 
 
@@ -21,7 +22,7 @@ def get_args_parser():
                              "timing is the same; or --teacher-weights)")
     parser.add_argument("--teacher-weights", default=None, metavar="PATH",
                         help="teacher checkpoint for --vs-teacher (implies it)")
-    parser.add_argument("--teacher-runs", type=common.positive_int, default=10,
+    parser.add_argument("--teacher-runs", type=flags.positive_int, default=10,
                         help="timed teacher runs per backend with --vs-teacher (default: %(default)s)")
     parser.add_argument("--export-onnx", default=None, metavar="PATH",
                         help="write the student as ONNX (dynamic batch), verified against PyTorch, and exit")

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import common
 import engine
+import flags
 from distributed import init_distributed
 
 TIMING_BACKENDS = ("eager", "channels_last", "bf16", "fp16", "compile", "onnxruntime")
@@ -33,18 +34,18 @@ def backend_list(text):
 
 
 def add_timing_args(parser):
-    common.add_data_args(parser)
+    flags.add_data_args(parser)
     parser.add_argument("--backend", type=backend_list, default="eager",
                         help=f"how the model runs: {', '.join(TIMING_BACKENDS)}, a comma-separated list of them, or "
                              f"'all' for every backend side by side (default: %(default)s)")
-    parser.add_argument("--batch-size", type=common.positive_int, default=16,
+    parser.add_argument("--batch-size", type=flags.positive_int, default=16,
                         help="batch size of the throughput measurement (default: %(default)s)")
-    parser.add_argument("--runs", type=common.positive_int, default=50,
+    parser.add_argument("--runs", type=flags.positive_int, default=50,
                         help="timed runs at batch 1 per backend, in turns with the other backends "
                              "(default: %(default)s)")
-    parser.add_argument("--warmup", type=common.non_negative_int, default=10,
+    parser.add_argument("--warmup", type=flags.non_negative_int, default=10,
                         help="untimed warm-up runs (default: %(default)s)")
-    parser.add_argument("--threads", type=common.positive_int, default=None,
+    parser.add_argument("--threads", type=flags.positive_int, default=None,
                         help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's default)")
     parser.add_argument("--no-miou", action="store_true", help="skip the val mIoU measurement")
     parser.add_argument("--profile", action="store_true",

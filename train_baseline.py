@@ -31,7 +31,8 @@ def make_compute_loss(criterion):
 
 def main(args):
     cfg = engine.setup(args, strategy=f"baseline-{args.model}")
-    model = common.build_model(args.model, cfg.data.num_classes, pretrained=not args.no_pretrained)  # fails fast offline
+    # the model first: missing pretrained weights fail before any slow data work
+    model = common.build_model(args.model, cfg.data.num_classes, pretrained=not args.no_pretrained)
     datasets = common.build_datasets(cfg.data)
     class_weights = common.compute_class_weights(datasets["train"])
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(cfg.device), ignore_index=common.IGNORE_INDEX)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import common
 import distill
 import engine
+import flags
 from distributed import init_distributed
 
 FEATURE_PAIRS = {"stage16": ("layer3", 112, 1024), "head": ("layer4", 256, 2048)}  # student: (teacher, c_s, c_t)
@@ -30,9 +31,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Train the student with feature-based knowledge distillation.")
     engine.add_training_args(parser)
     distill.add_teacher_args(parser)
-    parser.add_argument("--feat-weight", type=common.non_negative_float, default=0.1,
+    parser.add_argument("--feat-weight", type=flags.non_negative_float, default=0.1,
                         help="weight of the cosine loss on stage16 -> layer3 (default: %(default)s)")
-    parser.add_argument("--final-feat-weight", type=common.non_negative_float, default=0.5,
+    parser.add_argument("--final-feat-weight", type=flags.non_negative_float, default=0.5,
                         help="weight of the cosine loss on head -> layer4 (default: %(default)s)")
     return parser
 

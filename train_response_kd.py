@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import common
 import distill
 import engine
+import flags
 from distributed import init_distributed, log
 
 
@@ -25,11 +26,11 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Train the student with response-based knowledge distillation.")
     engine.add_training_args(parser)
     distill.add_teacher_args(parser)
-    parser.add_argument("--ce-weight", type=common.non_negative_float, default=0.5,
+    parser.add_argument("--ce-weight", type=flags.non_negative_float, default=0.5,
                         help="weight of the label CE term (default: %(default)s)")
-    parser.add_argument("--soft-target-weight", type=common.non_negative_float, default=0.5,
+    parser.add_argument("--soft-target-weight", type=flags.non_negative_float, default=0.5,
                         help="weight of the KD term (default: %(default)s)")
-    parser.add_argument("--temperature", type=common.positive_float, default=2.0,
+    parser.add_argument("--temperature", type=flags.positive_float, default=2.0,
                         help="softmax temperature T of both distributions (default: %(default)s)")
     parser.add_argument("--no-teacher-cache", action="store_true",
                         help="run the teacher live on every augmented batch instead of using the logit cache")

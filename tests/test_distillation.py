@@ -218,3 +218,17 @@ def test_teacher_with_other_class_count_is_refused(data_dir, tmp_path):
         small_run_args(data_dir, tmp_path / "run", "--teacher-weights", str(teacher_ckpt), "--epochs", "1"))
     with pytest.raises(SystemExit, match="has 5 classes but the data has 21"):
         train_response_kd.main(args)
+
+
+def test_cache_fidelity_is_exact_without_augmentation_and_measures_the_warp(data_dir, toy_teacher, tmp_path):
+    teacher = common.load_model(toy_teacher).model.eval()
+    dataset = _toy_train_set(data_dir, tmp_path)
+    cpu = torch.device("cpu")
+    cache = distill.TeacherLogitCache(teacher, dataset, cpu, 4, 0, "fp32")
+    dataset.augment = False  # the cached view is the live view: only fp16 storage separates them
+    same = distill.cache_fidelity(teacher, dataset, cache, cpu, "fp32", batch_size=4)
+    assert same["argmax_agreement"] >= 0.999 and 0 <= same["kl_live_cached"] < 1e-4
+    assert same["pixels"] == int(sum((dataset[i]["mask"] != 255).sum() for i in range(len(dataset))))
+    dataset.augment = True  # crops at another scale: the warped cache approximates the teacher's view of the crop
+    warped = distill.cache_fidelity(teacher, dataset, cache, cpu, "fp32", batch_size=4)
+    assert warped["kl_live_cached"] > same["kl_live_cached"] and dataset.teacher_logits is None

@@ -119,7 +119,8 @@ def test_unwritable_outputs_and_cache_fail_before_any_work(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("module,flag,value", [
-    (train_baseline, "--weight-decay", "-1"), (train_baseline, "--workers", "-1"), (train_baseline, "--image-size", "7"),
+    (train_baseline, "--weight-decay", "-1"), (train_baseline, "--workers", "-1"),
+    (train_baseline, "--image-size", "7"),
     (train_baseline, "--lr-patience", "-1"), (train_baseline, "--lr-factor", "1.5"), (train_baseline, "--lr", "nan"),
     (train_response_kd, "--ce-weight", "-0.5"), (train_response_kd, "--teacher-dtype", "fp8"),
     (train_feature_kd, "--feat-weight", "inf"), (evaluate, "--eval-size", "1"), (train_baseline, "--amp", "fp64"),

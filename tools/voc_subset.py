@@ -10,13 +10,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import flags  # noqa: E402
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Copy a size-capped VOC subset.")
     parser.add_argument("src", help="a folder holding VOCdevkit/VOC2012 (or VOC2012)")
     parser.add_argument("dst", help="where to write DST/VOCdevkit/VOC2012")
-    parser.add_argument("--max-mb", type=common.positive_float, default=20.0, help="size cap (default: %(default)s)")
+    parser.add_argument("--max-mb", type=flags.positive_float, default=20.0, help="size cap (default: %(default)s)")
     return parser
 
 

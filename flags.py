@@ -1,0 +1,75 @@
+"""Command-line flags every script shares: range-checked number types and the data flags (add_data_args).
+
+A bad value is an argparse error naming the flag, exit code 2, before any work.
+"""
+import argparse
+import math
+import os
+
+from common import VOC_CLASSES
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def image_size(text):
+    value = int(text)
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"must be >= 16 (the networks downsample by 16), got {text}")
+    return value
+
+
+def add_data_args(parser):
+    """Flags that say which data to read (every script that touches data)."""
+    parser.add_argument("--data-dir", default="./data", help="folder holding VOCdevkit/VOC2012 (downloaded here "
+                        "on first use) and, with --toy, the synthetic set (default: %(default)s)")
+    parser.add_argument("--toy", action="store_true", help="use the synthetic VOC-format dataset generated under "
+                        "DATA_DIR/toy (offline, small; default: real VOC 2012)")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading VOC if it is missing")
+    parser.add_argument("--cache-dir", default=None, help="where decoded pixels, class weights and teacher logits "
+                        "are cached, a subfolder per dataset (default: $XDG_CACHE_HOME/voc-kd or ~/.cache/voc-kd)")
+    parser.add_argument("--num-classes", type=positive_int, default=len(VOC_CLASSES),
+                        help="classes in the masks, background included (default: %(default)s)")
+    parser.add_argument("--image-size", type=image_size, default=None,
+                        help="network input size: training crops and validation resize (default: 256; 128 with --toy)")
+    parser.add_argument("--eval-size", type=image_size, default=None, help="compute metrics on masks resized to "
+                        "N x N instead of at each image's original resolution (default: original)")
+    parser.add_argument("--limit-val", type=positive_int, default=None, help="use only the first N val images")
+    parser.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                        help="data loader worker processes (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    return parser
+
+
