@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import time
+import typing
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 import common
 import engine
-from distributed import log, main_process_first
+from distributed import init_distributed, log, main_process_first
 
 
 def add_teacher_args(parser):
@@ -50,6 +51,29 @@ def build_frozen_teacher(weights, num_classes, device, precision):
     log(f"teacher: FCN-ResNet50, {common.count_params(teacher):,} parameters, "
         f"{weights or 'torchvision COCO_WITH_VOC_LABELS_V1'}, runs in {precision}")
     return teacher.to(device, memory_format=torch.channels_last)
+
+
+class DistillationRun(typing.NamedTuple):
+    cfg: engine.TrainConfig
+    teacher_dtype: str
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    datasets: dict
+    criterion: torch.nn.Module  # class-weighted CE of the labels
+
+
+def setup_distillation(args, strategy):
+    """The start both KD scripts share: device, the teacher's precision, the run's config, the teacher and the student
+    (their weights before any slow data work), the datasets and the class-weighted CE."""
+    device = init_distributed(args.device)
+    teacher_dtype = resolve_teacher_dtype(args.teacher_dtype, device)
+    cfg = engine.setup(args, strategy, teacher_dtype=teacher_dtype)
+    teacher = build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
+    student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)
+    datasets = common.build_datasets(cfg.data)
+    class_weights = common.compute_class_weights(datasets["train"])
+    criterion = torch.nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
+    return DistillationRun(cfg, teacher_dtype, teacher, student, datasets, criterion)
 
 
 def state_fingerprint(module):

@@ -1,6 +1,6 @@
 """Time the student: latency (median, p90 at batch 1), throughput, FPS, size and val mIoU, per backend.
 
-    python time_student.py --weights checkpoints/demo/baseline_seed0/best.pth --toy --backend all --json student_timing.json
+    python time_student.py --weights checkpoints/demo/baseline_seed0/best.pth --toy --backend all --json t.json
     python time_student.py --backend all --no-miou                   # random weights: same timing, fully offline
     python time_student.py --backend eager,onnxruntime --no-miou --vs-teacher   # + teacher/student latency ratio
     python time_student.py --weights best.pth --export-onnx student.onnx   # deployable ONNX file (dynamic batch)

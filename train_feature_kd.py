@@ -18,11 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import distill
 import engine
 import flags
-from distributed import init_distributed
 
 FEATURE_PAIRS = {"stage16": ("layer3", 112, 1024), "head": ("layer4", 256, 2048)}  # student: (teacher, c_s, c_t)
 
@@ -64,18 +62,11 @@ def make_compute_loss(criterion, teacher, teacher_dtype, adapters, weights):
 
 
 def main(args):
-    device = init_distributed(args.device)
-    teacher_dtype = distill.resolve_teacher_dtype(args.teacher_dtype, device)
-    cfg = engine.setup(args, strategy="feature-kd", teacher_dtype=teacher_dtype)
-    teacher = distill.build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
-    student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)  # weights before slow work
-    datasets = common.build_datasets(cfg.data)
-    class_weights = common.compute_class_weights(datasets["train"])
+    run = distill.setup_distillation(args, strategy="feature-kd")
     adapters = build_adapters()
-    criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
     weights = {"stage16": args.feat_weight, "head": args.final_feat_weight}
-    compute_loss = make_compute_loss(criterion, teacher, teacher_dtype, adapters, weights)
-    return engine.train(student, compute_loss, datasets, criterion, cfg, adapters=adapters)
+    compute_loss = make_compute_loss(run.criterion, run.teacher, run.teacher_dtype, adapters, weights)
+    return engine.train(run.student, compute_loss, run.datasets, run.criterion, run.cfg, adapters=adapters)
 
 
 if __name__ == "__main__":

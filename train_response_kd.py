@@ -12,14 +12,13 @@ are cached (fp16, native stride 8) and warped with each sample's augmentation.
 import argparse
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import common
 import distill
 import engine
 import flags
-from distributed import init_distributed, log
+from distributed import log
 
 
 def get_args_parser():
@@ -63,24 +62,18 @@ def make_compute_loss(criterion, teacher, teacher_dtype, temperature, ce_weight,
 
 
 def main(args):
-    device = init_distributed(args.device)
-    teacher_dtype = distill.resolve_teacher_dtype(args.teacher_dtype, device)
-    cfg = engine.setup(args, strategy="response-kd", teacher_dtype=teacher_dtype)
-    teacher = distill.build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
-    student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)  # weights before slow work
-    datasets = common.build_datasets(cfg.data)
-    class_weights = common.compute_class_weights(datasets["train"])
+    run = distill.setup_distillation(args, strategy="response-kd")
+    teacher = run.teacher
     if not args.no_teacher_cache:
-        cache = distill.TeacherLogitCache(teacher, datasets["train"], device, args.batch_size, cfg.data.workers,
-                                          teacher_dtype)
+        cache = distill.TeacherLogitCache(teacher, run.datasets["train"], run.cfg.device, args.batch_size,
+                                          run.cfg.data.workers, run.teacher_dtype)
         log(f"teacher-logit cache {cache.path}: {cache.size_mb:.1f} MB"
             + (f", built in {cache.build_s:.1f}s" if cache.build_s else " (reused)"))
-        datasets["train"].teacher_logits = cache
+        run.datasets["train"].teacher_logits = cache
         teacher = None  # everything the loss needs from it is in the cache now
-    criterion = nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
-    compute_loss = make_compute_loss(criterion, teacher, teacher_dtype, args.temperature, args.ce_weight,
+    compute_loss = make_compute_loss(run.criterion, teacher, run.teacher_dtype, args.temperature, args.ce_weight,
                                      args.soft_target_weight)
-    return engine.train(student, compute_loss, datasets, criterion, cfg)
+    return engine.train(run.student, compute_loss, run.datasets, run.criterion, run.cfg)
 
 
 if __name__ == "__main__":
