@@ -44,6 +44,8 @@ def get_args_parser():
     parser.add_argument("--batch-size", type=flags.positive_int, default=8, help="batch size (default: %(default)s)")
     parser.add_argument("--lr", type=flags.positive_float, default=2e-3,
                         help="Adam lr for every run; 2e-3 suits the from-scratch toy runs (default: %(default)s)")
+    parser.add_argument("--limit-train", type=flags.positive_int, default=None,
+                        help="train every run on the first N training images only (a quick look; default: all)")
     parser.add_argument("--live-kd", action="store_true",
                         help="also train response KD with the live teacher (--no-teacher-cache) for every seed, and "
                              "measure the teacher-logit cache against the live teacher on augmented crops")
@@ -117,7 +119,8 @@ def measure_cache_fidelity(args, teacher_path, out_dir):
     """The teacher-logit cache against the live teacher on augmented crops of the training set (fidelity.json)."""
     parsed = train_response_kd.get_args_parser().parse_args(
         [f"--image-size={args.image_size}", "--data-dir", args.data_dir, "--workers", "0"]
-        + ([] if args.real else ["--toy"]))
+        + ([] if args.real else ["--toy"])
+        + ([] if args.limit_train is None else [f"--limit-train={args.limit_train}"]))
     data = common.data_config(parsed)
     dataset = common.build_datasets(data, splits=("train",))["train"]
     cpu = torch.device("cpu")
@@ -137,7 +140,8 @@ def main(args):
     seeds = [int(s) for s in args.seeds.split(",")]
     shared = ["--data-dir", args.data_dir, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
               "--lr", str(args.lr)] + ([] if args.real else ["--toy"])
-    shared += [] if args.pretrained else ["--no-pretrained"]
+    shared += ([] if args.pretrained else ["--no-pretrained"]) \
+        + ([] if args.limit_train is None else ["--limit-train", str(args.limit_train)])
     runs, teacher_flag = {}, []
     if args.teacher_epochs > 0:
         runs["teacher"] = [os.path.join(args.out_dir, "teacher")]
