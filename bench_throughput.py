@@ -90,37 +90,28 @@ def train_throughput(model, compute_loss, dataset, cfg, warmup, steps, adapters=
     return progress.images / progress.seconds, progress.wait / progress.seconds
 
 
-def strategy_losses(name, criterion, cfg, teacher, teacher_dtype, dataset):
+def strategy_losses(name, criterion, teacher, teacher_dtype, dataset, cache):
     """(compute_loss, adapters) of one strategy, as its training script builds them."""
+    dataset.teacher_logits = cache if name == "response-kd" else None
     if name == "baseline":
         return train_baseline.make_compute_loss(criterion), None
     if name == "response-kd":
-        dataset.teacher_logits = teacher_cache(teacher, dataset, cfg, teacher_dtype)["cache"]
         return train_response_kd.make_compute_loss(criterion, None, teacher_dtype, 2.0, 0.5, 0.5), None
     adapters = train_feature_kd.build_adapters()
     weights = {"stage16": 0.1, "head": 0.5}
     return train_feature_kd.make_compute_loss(criterion, teacher, teacher_dtype, adapters, weights), adapters
 
 
-_CACHES = {}
-
-
-def teacher_cache(teacher, dataset, cfg, teacher_dtype):
-    """The teacher-logit cache of dataset, built once per run in a fresh folder, and its build rate."""
-    if "cache" not in _CACHES:
-        cache = distill.TeacherLogitCache(teacher, dataset, cfg.device, cfg.batch_size, cfg.data.workers, teacher_dtype)
-        _CACHES.update(cache=cache, img_s=len(dataset) / cache.build_s)
-    return _CACHES
-
-
 def main(args):
+    if args.cache_dir:
+        raise SystemExit("error: --cache-dir: the benchmark builds its caches in a temporary folder, so that the "
+                         "teacher-logit cache build is timed; drop the flag")
     device = init_distributed(args.device)
     precision, teacher_dtype = engine.resolve_amp(args.amp, device), distill.resolve_teacher_dtype(None, device)
-    with tempfile.TemporaryDirectory() as tmp:  # a fresh cache: the teacher-logit cache is always built here
+    with tempfile.TemporaryDirectory() as tmp:  # a fresh cache folder: the teacher-logit cache is built, and timed
         data = common.data_config(args)
         needed = (args.warmup + args.steps) * args.batch_size
-        data = dataclasses.replace(data, cache_dir=data.cache_dir if args.cache_dir else tmp,
-                                   limit_train=min(needed, data.limit_train or needed))
+        data = dataclasses.replace(data, cache_dir=tmp, limit_train=min(needed, data.limit_train or needed))
         dataset = common.build_datasets(data, splits=("train",))["train"]
         if len(dataset) < needed:
             raise SystemExit(f"error: the training set has {len(dataset)} images, --warmup + --steps need "
@@ -133,23 +124,23 @@ def main(args):
                   "workers": data.workers, "steps": args.steps,
                   "loader_img_s": loader_throughput(dataset, args.batch_size, data.workers, args.steps), "train": {}}
         print(f"loader alone: {result['loader_img_s']:.1f} img/s ({data.workers} workers)", flush=True)
+        strategies, cache = args.strategies.split(","), None
+        if "response-kd" in strategies:
+            cache = distill.TeacherLogitCache(teacher, dataset, device, args.batch_size, data.workers, teacher_dtype)
+            result["teacher_cache_build_img_s"] = len(dataset) / cache.build_s
+            print(f"teacher-logit cache build: {result['teacher_cache_build_img_s']:.1f} img/s", flush=True)
         layouts = ("channels_last", "contiguous") if args.memory_format == "both" else (args.memory_format,)
-        for name in args.strategies.split(","):
+        for name in strategies:
             for layout in layouts:
                 cfg = bench_config(device, data, args.batch_size, precision, layout == "channels_last")
                 torch.manual_seed(0)
                 student = common.build_student(data.num_classes, pretrained=False)
-                compute_loss, adapters = strategy_losses(name, criterion.to(device), cfg, teacher, teacher_dtype,
-                                                         dataset)
+                compute_loss, adapters = strategy_losses(name, criterion.to(device), teacher, teacher_dtype, dataset,
+                                                         cache)
                 img_s, wait = train_throughput(student, compute_loss, dataset, cfg, args.warmup, args.steps, adapters)
                 key = name if len(layouts) == 1 else f"{name} {layout}"
                 result["train"][key] = {"img_s": img_s, "data_wait_frac": wait}
                 print(f"{key:>28s}: {img_s:8.1f} img/s, data wait {100 * wait:4.1f}%", flush=True)
-                dataset.teacher_logits = None
-        if "cache" in _CACHES:
-            result["teacher_cache_build_img_s"] = _CACHES["img_s"]
-            print(f"teacher-logit cache build: {_CACHES['img_s']:.1f} img/s", flush=True)
-            _CACHES.clear()
     if args.json:
         common.write_json(args.json, result)
     print(json.dumps(result, separators=(",", ":")))

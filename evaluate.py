@@ -445,12 +445,10 @@ def check_outputs(args):
     """Fail before any work when an output path cannot be written (not after a whole evaluation)."""
     if args.browse:
         check_display()
-    for flag in ("json",):
-        path = getattr(args, flag)
-        if path:
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise SystemExit(f"error: --{flag} {path}: cannot write to {folder}; choose a writable path")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise SystemExit(f"error: --json {args.json}: cannot write to {folder}; choose a writable path")
     for flag in ("save_predictions", "save_vis", "html", "analysis"):
         folder = getattr(args, flag)
         if folder:

@@ -8,46 +8,24 @@ import os
 
 from common import VOC_CLASSES
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+
+def checked(convert, ok, requirement):
+    """An argparse type: convert(text), refused unless ok(value), naming the requirement."""
+    def parse(text):
+        value = convert(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    parse.__name__ = convert.__name__  # argparse's message for unparsable text: "invalid int value: 'x'"
+    return parse
 
 
-def positive_float(text):
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
-
-
-def image_size(text):
-    value = int(text)
-    if value < 16:
-        raise argparse.ArgumentTypeError(f"must be >= 16 (the networks downsample by 16), got {text}")
-    return value
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+non_negative_int = checked(int, lambda v: v >= 0, ">= 0")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+non_negative_float = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+fraction = checked(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
+image_size = checked(int, lambda v: v >= 16, ">= 16 (the networks downsample by 16)")
 
 
 def add_data_args(parser):

@@ -203,10 +203,8 @@ def run(args, model, name, teacher=None):
         val_set = common.build_datasets(data, splits=("val",))["val"]
         val_loader = engine.make_loader(val_set, 8, data.workers)
     result = time_model(model, name, args.backend, device, data.image_size, args.batch_size, args.runs, args.warmup,
-                        args.threads, val_loader)
+                        args.threads, val_loader, teacher, getattr(args, "teacher_runs", 10))
     if teacher is not None:
-        result["vs_teacher"] = time_teacher_in_turns(model, teacher, result, device, data.image_size, args.runs,
-                                                     args.teacher_runs, args.warmup, args.threads)
         result["vs_teacher"]["weights"] = args.teacher_weights
     print_timing_table(result)
     if args.profile:
@@ -237,9 +235,11 @@ def inputs(image_size, batch_size, device):
             torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(device))
 
 
-def time_model(model, name, backends, device, image_size, batch_size, runs, warmup, threads, val_loader=None):
+def time_model(model, name, backends, device, image_size, batch_size, runs, warmup, threads, val_loader=None,
+               teacher=None, teacher_runs=10):
     """Every backend's latency (batch 1, median/p90, in turns), throughput at batch_size, output difference to eager
-    and (with a val_loader) val mIoU; backends that cannot run here are reported with the reason."""
+    and (with a val_loader) val mIoU; backends that cannot run here are reported with the reason. With a teacher, its
+    batch-1 latency on the same backends joins the same turns, and the teacher/student ratio is reported."""
     x1, xb = inputs(image_size, batch_size, device)
     model = model.eval().to(device)
     result = {"model": name, "params": common.count_params(model), "image_size": image_size, "device": str(device),
@@ -252,8 +252,14 @@ def time_model(model, name, backends, device, image_size, batch_size, runs, warm
     if not ready:
         raise SystemExit(f"error: --backend {','.join(backends)}: none of them can run here (see above); "
                          f"eager and onnxruntime run everywhere")
-    print(f"timing {', '.join(ready)} in turns: {runs} runs each at batch 1, then batch {batch_size} ...", flush=True)
-    latencies = measure_latency({b: fn for b, (fn, _) in ready.items()}, x1, warmup, dict.fromkeys(ready, runs), device)
+    fns, counts = {b: fn for b, (fn, _) in ready.items()}, dict.fromkeys(ready, runs)
+    teacher_ready = {}
+    if teacher is not None:
+        teacher_ready, _ = prepare_backends(teacher.eval().to(device), list(ready), device, x1, threads)
+        fns.update({f"teacher {b}": fn for b, (fn, _) in teacher_ready.items()})
+        counts.update({f"teacher {b}": teacher_runs for b in teacher_ready})
+    print(f"timing {', '.join(fns)} in turns at batch 1, then batch {batch_size} ...", flush=True)
+    latencies = measure_latency(fns, x1, warmup, counts, device)
     batched = measure_latency({b: fn for b, (fn, _) in ready.items()}, xb, min(warmup, 2),
                               dict.fromkeys(ready, max(3, runs // 10)), device)
     for backend in backends:
@@ -270,28 +276,14 @@ def time_model(model, name, backends, device, image_size, batch_size, runs, warm
         print(f"{backend:>14s}: {rec['latency_ms_median']:8.2f} ms median, {rec['latency_ms_p90']:8.2f} ms p90 at "
               f"batch 1 | {rec['throughput_img_s']:7.1f} img/s at batch {batch_size} | max |diff| "
               f"{rec['max_abs_diff']:.1e}" + (f" | mIoU {100 * rec['miou']:.2f}" if "miou" in rec else ""), flush=True)
+    if teacher is not None:
+        result["vs_teacher"] = {"params": common.count_params(teacher), "backends": {}}
+        for backend, (_, diff) in teacher_ready.items():
+            rec = latency_stats(latencies[f"teacher {backend}"])
+            student_ms = result["backends"][backend]["latency_ms_median"]
+            rec.update(max_abs_diff=diff, ratio=rec["latency_ms_median"] / student_ms)
+            result["vs_teacher"]["backends"][backend] = rec
     return result
-
-
-def time_teacher_in_turns(model, teacher, result, device, image_size, runs, teacher_runs, warmup, threads):
-    """The teacher's batch-1 latency on the backends the model ran on, timed in turns with the model's, and the
-    teacher/student latency ratio per backend (one machine state for both)."""
-    x1, _ = inputs(image_size, 1, device)
-    timed = [b for b, r in result["backends"].items() if "latency_ms_median" in r]
-    student, _ = prepare_backends(model.eval().to(device), timed, device, x1, threads)
-    teacher_ready, _ = prepare_backends(teacher.eval().to(device), timed, device, x1, threads)
-    fns = {b: fn for b, (fn, _) in student.items()}
-    fns.update({f"teacher {b}": fn for b, (fn, _) in teacher_ready.items()})
-    runs = {**dict.fromkeys(student, runs), **{f"teacher {b}": teacher_runs for b in teacher_ready}}
-    print(f"timing the teacher in turns with the {result['model']}: {teacher_runs} runs per backend ...", flush=True)
-    latencies = measure_latency(fns, x1, warmup, runs, device)
-    out = {"params": common.count_params(teacher), "backends": {}}
-    for backend, (_, diff) in teacher_ready.items():
-        rec = latency_stats(latencies[f"teacher {backend}"])
-        rec.update(max_abs_diff=diff,
-                   ratio=rec["latency_ms_median"] / (1000 * float(np.median(latencies[backend]))))
-        out["backends"][backend] = rec
-    return out
 
 
 def print_timing_table(result):
