@@ -1,6 +1,7 @@
 """Training throughput of the real recipe (student at 256 x 256, batch 16): train img/s and data-wait fraction for the
-baseline, response KD (teacher-logit cache) and feature KD (live teacher), the cache build's img/s, and the loader
-alone. Random weights (the speed is the same), the toy set or VOC; the last line of stdout is one JSON document.
+baseline, response KD, CWD and DIST (teacher-logit cache) and feature KD (live teacher), the cache build's img/s, and
+the loader alone. Random weights (the speed is the same), the toy set or VOC; the last line of stdout is one JSON
+document.
 
     python bench_throughput.py --toy                                   # CUDA if available, else CPU (slow: minutes)
     python bench_throughput.py --toy --amp --workers 8 --json bench.json          # the GPU recipe
@@ -21,11 +22,25 @@ import torch.nn as nn
 import common
 import distill
 import engine
+import fileio
 import flags
 import train_baseline
+import train_cwd
+import train_dist
 import train_feature_kd
 import train_response_kd
 from distributed import init_distributed
+
+
+STRATEGIES = ("baseline", "response-kd", "cwd", "dist", "feature-kd")
+
+
+def strategy_list(text):
+    names = text.split(",")
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown strategy {unknown[0]!r}; choose from {','.join(STRATEGIES)}")
+    return names
 
 
 def get_args_parser():
@@ -41,8 +56,8 @@ def get_args_parser():
     engine.add_amp_arg(parser)
     parser.add_argument("--memory-format", choices=("channels_last", "contiguous", "both"), default="channels_last",
                         help="layout of the training step; both: each strategy in both layouts (default: %(default)s)")
-    parser.add_argument("--strategies", default="baseline,response-kd,feature-kd",
-                        help="comma-separated subset of baseline,response-kd,feature-kd (default: all)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), type=strategy_list,
+                        help=f"comma-separated subset of {','.join(STRATEGIES)} (default: all)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH")
     return parser
 
@@ -90,22 +105,35 @@ def train_throughput(model, compute_loss, dataset, cfg, warmup, steps, adapters=
     return progress.images / progress.seconds, progress.wait / progress.seconds
 
 
+CACHED = ("response-kd", "cwd", "dist")  # the strategies that read the teacher-logit cache
+
+
 def strategy_losses(name, criterion, teacher, teacher_dtype, dataset, cache):
-    """(compute_loss, adapters) of one strategy, as its training script builds them."""
-    dataset.teacher_logits = cache if name == "response-kd" else None
+    """(compute_loss, adapters) of one strategy with its script's default weights, as the script builds them."""
+    dataset.teacher_logits = cache if name in CACHED else None
     if name == "baseline":
         return train_baseline.make_compute_loss(criterion), None
+    module = {"response-kd": train_response_kd, "cwd": train_cwd, "dist": train_dist,
+              "feature-kd": train_feature_kd}[name]
+    a = module.get_args_parser().parse_args([])  # the script's defaults
     if name == "response-kd":
-        return train_response_kd.make_compute_loss(criterion, None, teacher_dtype, 2.0, 0.5, 0.5), None
-    adapters = train_feature_kd.build_adapters()
-    weights = {"stage16": 0.1, "head": 0.5}
-    return train_feature_kd.make_compute_loss(criterion, teacher, teacher_dtype, adapters, weights), adapters
+        return module.make_compute_loss(criterion, None, teacher_dtype, a.temperature, a.ce_weight,
+                                        a.soft_target_weight), None
+    if name == "cwd":
+        return module.make_compute_loss(criterion, None, teacher_dtype, a.tau, a.ce_weight, a.cwd_weight), None
+    if name == "dist":
+        return module.make_compute_loss(criterion, None, teacher_dtype, a.tau, a.beta, a.gamma, a.ce_weight), None
+    adapters = module.build_adapters()
+    weights = {"stage16": a.feat_weight, "head": a.final_feat_weight}
+    return module.make_compute_loss(criterion, teacher, teacher_dtype, adapters, weights), adapters
 
 
 def main(args):
     if args.cache_dir:
         raise SystemExit("error: --cache-dir: the benchmark builds its caches in a temporary folder, so that the "
                          "teacher-logit cache build is timed; drop the flag")
+    if args.json:
+        fileio.check_output_file(args.json, "--json")
     device = init_distributed(args.device)
     precision, teacher_dtype = engine.resolve_amp(args.amp, device), distill.resolve_teacher_dtype(None, device)
     with tempfile.TemporaryDirectory() as tmp:  # a fresh cache folder: the teacher-logit cache is built, and timed
@@ -124,8 +152,8 @@ def main(args):
                   "workers": data.workers, "steps": args.steps,
                   "loader_img_s": loader_throughput(dataset, args.batch_size, data.workers, args.steps), "train": {}}
         print(f"loader alone: {result['loader_img_s']:.1f} img/s ({data.workers} workers)", flush=True)
-        strategies, cache = args.strategies.split(","), None
-        if "response-kd" in strategies:
+        strategies, cache = args.strategies, None
+        if set(strategies) & set(CACHED):
             cache = distill.TeacherLogitCache(teacher, dataset, device, args.batch_size, data.workers, teacher_dtype)
             result["teacher_cache_build_img_s"] = len(dataset) / cache.build_s
             print(f"teacher-logit cache build: {result['teacher_cache_build_img_s']:.1f} img/s", flush=True)
@@ -142,7 +170,7 @@ def main(args):
                 result["train"][key] = {"img_s": img_s, "data_wait_frac": wait}
                 print(f"{key:>28s}: {img_s:8.1f} img/s, data wait {100 * wait:4.1f}%", flush=True)
     if args.json:
-        common.write_json(args.json, result)
+        fileio.write_json(args.json, result)
     print(json.dumps(result, separators=(",", ":")))
     return result
 

@@ -3,19 +3,15 @@ flags, class weights, the confusion matrix behind mIoU, the teacher and student 
 
 Scripts import this module; importing it does no work.
 """
-import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import os
-import shutil
-import signal
 import socket
 import sys
-import threading
 import typing
 import urllib.error
+import zlib
 
 import numpy as np
 import torch
@@ -24,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import fileio
 from distributed import log, main_process_first
 
 IGNORE_INDEX = 255
@@ -220,93 +217,60 @@ def _fingerprint(pairs):
     return h.hexdigest()
 
 
-def atomic_write(path, write_fn):
-    """Write via a temporary file in the same folder, fsync, then rename: readers see old or new, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise SystemExit(f"error: no space left on the device writing {path}; the previous version of it is "
-                             f"intact. Free some space, then continue with --resume")
-        raise
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    atomic_write(path, write)
-
-
-def make_cache_dir(path, data_root):
-    """Create a cache folder; a read-only location is one clear line pointing at --cache-dir."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write the cache for {data_root} to {path} ({e.strerror}); point --cache-dir "
-                         f"at a writable folder (the data folder itself may stay read-only)")
-
-
-@contextlib.contextmanager
-def on_signal_exit(what, cleanup=()):
-    """While building something slow (a cache): SIGINT/SIGTERM removes the half-written files in `cleanup` and exits
-    with one line; the next run builds it again. Any other failure removes them too."""
-    def handler(signum, frame):
-        raise SystemExit(f"interrupted by {signal.Signals(signum).name} while {what}; nothing half-built was kept, "
-                         f"the next run builds it again")
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    except BaseException:
-        for path in cleanup:
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.exists(path):
-                os.remove(path)
-        raise
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+CACHE_VERSION = 2  # index.json layout; older caches are rebuilt
 
 
 class PixelCache:
-    """Decoded images and masks of one split at original resolution, as two flat uint8 memmaps
-    plus an index. Built once; rebuilt when the source fingerprint changes."""
+    """Decoded images and masks of one split at original resolution, as two flat uint8 memmaps plus an index that
+    records each file's size and checksum. Built once (by one process while any others wait), checked every time it is
+    opened, rebuilt when the source fingerprint changes or the check fails."""
+
+    FILES = ("images.npy", "masks.npy")
 
     def __init__(self, root, split, cache_dir, num_classes=len(VOC_CLASSES), pairs=None):
         self.pairs = pairs if pairs is not None else split_pairs(root, split)
         self.ids = [image_id for image_id, _, _ in self.pairs]
-        fingerprint = _fingerprint(self.pairs)
+        self.fingerprint = _fingerprint(self.pairs)
         tag = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:10]
         self.dir = os.path.join(cache_dir, f"pixels-{tag}-{split}")
-        index_path = os.path.join(self.dir, "index.json")
-        index = None
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                index = json.load(f)
-            if index.get("fingerprint") != fingerprint or index.get("num_classes") != num_classes:
-                index = None
+        self.lock_path = os.path.join(self.dir, "build.lock")  # shared by every cache kept in this folder
+        index, damage = self._check(num_classes)
         if index is None:
-            index = self._build(root, fingerprint, num_classes)
-        self.fingerprint = fingerprint
+            if damage:
+                fileio.warn(f"the pixel cache {self.dir} is damaged ({damage}); rebuilding it")
+            fileio.make_cache_dir(self.dir, damage and f"the pixel cache {self.dir} is damaged ({damage})")
+            with fileio.build_lock(self.lock_path):
+                index, _ = self._check(num_classes)  # another process may have built it while we waited
+                if index is None:
+                    index = self._build(root, num_classes)
         self.shapes = [tuple(s) for s in index["shapes"]]
         self.img_offsets = np.array(index["img_offsets"], dtype=np.int64)
         self.mask_offsets = np.array(index["mask_offsets"], dtype=np.int64)
+        self.num_classes = num_classes
         self._images = self._masks = None  # opened lazily, once per (worker) process
 
-    def _build(self, root, fingerprint, num_classes):
-        make_cache_dir(self.dir, root)
+    def _check(self, num_classes):
+        """(index, None) if the cache is complete, current and intact; (None, what is damaged) if it fails its check;
+        (None, None) if there is none yet or its source changed."""
+        index_path = os.path.join(self.dir, "index.json")
+        if not os.path.exists(index_path):
+            return None, None
+        try:
+            index = fileio.read_json(index_path)
+        except ValueError as e:
+            return None, str(e)
+        if not isinstance(index, dict) or not isinstance(index.get("files"), dict):
+            return None, f"{index_path} is not an index this code wrote"
+        if (index.get("version"), index.get("fingerprint"), index.get("num_classes")) != (
+                CACHE_VERSION, self.fingerprint, num_classes):
+            return None, None
+        for name in self.FILES:
+            damage = fileio.check_file(os.path.join(self.dir, name), index["files"].get(name))
+            if damage:
+                return None, damage
+        return index, None
+
+    def _build(self, root, num_classes):
         shapes, problems = [], []
         for _, img_path, _ in self.pairs:  # first pass: sizes only (headers), to size the memmaps
             try:
@@ -317,11 +281,13 @@ class PixelCache:
                 shapes.append((0, 0))  # reported with the others after the second pass
         mask_offsets = np.concatenate([[0], np.cumsum([h * w for h, w in shapes], dtype=np.int64)])
         img_offsets = mask_offsets * 3
-        tmp = [os.path.join(self.dir, name) for name in ("images.tmp.npy", "masks.tmp.npy")]
-        with on_signal_exit(f"building the pixel cache {self.dir}", cleanup=tmp):
+        # per-process temporary names: a process that builds without the lock (a file system without flock) never
+        # truncates a file another one is writing or has mapped
+        tmp = [os.path.join(self.dir, f"{name[:-4]}.tmp{os.getpid()}.npy") for name in self.FILES]
+        with fileio.on_signal_exit(f"building the pixel cache {self.dir}", cleanup=tmp):
             images = np.lib.format.open_memmap(tmp[0], "w+", np.uint8, (int(img_offsets[-1]),))
             masks = np.lib.format.open_memmap(tmp[1], "w+", np.uint8, (int(mask_offsets[-1]),))
-            for i, (_, img_path, mask_path) in enumerate(tqdm(self.pairs, leave=False,
+            for i, (_, img_path, mask_path) in enumerate(tqdm(self.pairs, leave=False, disable=None,
                                                               desc=f"caching {os.path.basename(self.dir)}")):
                 if shapes[i] == (0, 0):
                     continue
@@ -340,11 +306,13 @@ class PixelCache:
             images.flush()
             masks.flush()
             del images, masks
-            os.replace(tmp[0], os.path.join(self.dir, "images.npy"))
-            os.replace(tmp[1], os.path.join(self.dir, "masks.npy"))
-        index = {"fingerprint": fingerprint, "num_classes": num_classes, "ids": self.ids, "shapes": shapes,
-                 "img_offsets": img_offsets.tolist(), "mask_offsets": mask_offsets.tolist()}
-        write_json(os.path.join(self.dir, "index.json"), index)  # written last: marks the cache complete
+            files = {name: fileio.file_record(path) for name, path in zip(self.FILES, tmp)}
+            for name, path in zip(self.FILES, tmp):
+                os.replace(path, os.path.join(self.dir, name))
+        index = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "num_classes": num_classes,
+                 "files": files, "ids": self.ids, "shapes": shapes, "img_offsets": img_offsets.tolist(),
+                 "mask_offsets": mask_offsets.tolist()}
+        fileio.write_json(os.path.join(self.dir, "index.json"), index)  # written last: marks the cache complete
         return index
 
     def __len__(self):
@@ -353,8 +321,12 @@ class PixelCache:
     def get(self, i):
         """(image (H, W, 3) uint8, mask (H, W) uint8) of item i, views into the memmaps."""
         if self._images is None:
-            self._images = np.load(os.path.join(self.dir, "images.npy"), mmap_mode="r")
-            self._masks = np.load(os.path.join(self.dir, "masks.npy"), mmap_mode="r")
+            try:
+                self._images = np.load(os.path.join(self.dir, "images.npy"), mmap_mode="r")
+                self._masks = np.load(os.path.join(self.dir, "masks.npy"), mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataProblem(f"the pixel cache {self.dir} was damaged or removed during the run ({e}); run again: "
+                                  f"the cache is checked at the start and rebuilt") from None
         h, w = self.shapes[i]
         img = self._images[self.img_offsets[i]:self.img_offsets[i + 1]].reshape(h, w, 3)
         mask = self._masks[self.mask_offsets[i]:self.mask_offsets[i + 1]].reshape(h, w)
@@ -392,7 +364,7 @@ def sample_grid(height, width, size, rng=None, scale_range=(0.5, 2.0)):
     return torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)
 
 
-def _outside(grid):
+def outside_image(grid):
     """Output pixels whose sample point lies outside the source image (padding of a crop)."""
     return (grid.abs() > 1).any(dim=-1)
 
@@ -402,7 +374,7 @@ def warp_image(img_u8, grid):
     outside the image is black (0 before normalisation)."""
     x = torch.from_numpy(np.array(img_u8)).permute(2, 0, 1)[None].float().div_(255)
     x = F.grid_sample(x, grid[None], mode="bilinear", padding_mode="border", align_corners=False)[0]
-    x[:, _outside(grid)] = 0
+    x[:, outside_image(grid)] = 0
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x - mean) / std
@@ -412,7 +384,7 @@ def warp_mask(mask_u8, grid):
     """uint8 (H, W) -> int64 (S, S), nearest; outside the image is IGNORE_INDEX."""
     m = torch.from_numpy(np.array(mask_u8))[None, None].float()
     m = F.grid_sample(m, grid[None], mode="nearest", padding_mode="border", align_corners=False)[0, 0].long()
-    m[_outside(grid)] = IGNORE_INDEX
+    m[outside_image(grid)] = IGNORE_INDEX
     return m
 
 
@@ -538,23 +510,46 @@ def class_weights_from_counts(counts):
 
 
 def compute_class_weights(dataset):
-    """Class weights of the training split's masks (original resolution), cached in the pixel cache."""
+    """Class weights of the training split's masks (original resolution), cached beside its pixel cache with a
+    checksum; built by one process while any others wait, rebuilt if damaged."""
     cache = dataset.cache
     path = os.path.join(cache.dir, "class_weights.json")
     with main_process_first():
-        if not (os.path.isfile(path) and json.load(open(path)).get("fingerprint") == cache.fingerprint):
-            counts = class_pixel_counts(cache.masks(), dataset_num_classes(dataset))
-            write_json(path, {"fingerprint": cache.fingerprint, "formula": "1/ln(1.02 + p_c)",
-                              "pixel_counts": counts.tolist(), "weights": class_weights_from_counts(counts).tolist()})
-    with open(path) as f:
-        weights = torch.tensor(json.load(f)["weights"], dtype=torch.float32)
-    log("class weights (1/ln(1.02 + p_c)):", " ".join(f"{w:.2f}" for w in weights.tolist()))
-    return weights
+        weights, damage = read_class_weights(path, cache.fingerprint)
+        if weights is None:
+            if damage:
+                fileio.warn(f"{damage}; recomputing the class weights")
+            fileio.make_cache_dir(cache.dir, damage)
+            with fileio.build_lock(cache.lock_path):
+                weights, _ = read_class_weights(path, cache.fingerprint)
+                if weights is None:
+                    counts = class_pixel_counts(cache.masks(), cache.num_classes).tolist()
+                    weights = class_weights_from_counts(np.array(counts)).tolist()
+                    fileio.write_json(path, {"fingerprint": cache.fingerprint, "formula": "1/ln(1.02 + p_c)",
+                                             "pixel_counts": counts, "weights": weights,
+                                             "crc32": content_crc32([counts, weights])})
+    log("class weights (1/ln(1.02 + p_c)):", " ".join(f"{w:.2f}" for w in weights))
+    return torch.tensor(weights, dtype=torch.float32)
 
 
-def dataset_num_classes(dataset):
-    with open(os.path.join(dataset.cache.dir, "index.json")) as f:
-        return json.load(f)["num_classes"]
+def content_crc32(obj):
+    return zlib.crc32(json.dumps(obj).encode())
+
+
+def read_class_weights(path, fingerprint):
+    """(weights, None) from a current, intact class_weights.json; (None, what is wrong) if damaged; (None, None) if
+    absent or computed from other source files."""
+    if not os.path.exists(path):
+        return None, None
+    try:
+        saved = fileio.read_json(path)
+        if saved["fingerprint"] != fingerprint:
+            return None, None
+        if content_crc32([saved["pixel_counts"], saved["weights"]]) != saved["crc32"]:
+            return None, f"{path} fails its checksum"
+        return saved["weights"], None
+    except (ValueError, KeyError, TypeError) as e:
+        return None, f"{path} is damaged ({e})"
 
 
 class ConfusionMatrix:
@@ -689,8 +684,11 @@ def read_checkpoint(path, flag="--weights"):
                          f"types, and loading those could run code ({str(e).splitlines()[0][:160]}); use a checkpoint "
                          f"written by this repo or a plain state_dict")
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        other = (f"start a new run from the weights of another file of that run (best.pth, epoch_NNN.pth) with "
+                 f"--init-weights PATH" if flag == "--resume" else
+                 f"use another checkpoint with {flag} (e.g. the run's best.pth or epoch_NNN.pth)")
         raise SystemExit(f"error: {flag} {path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); "
-                         f"it may be truncated: use another checkpoint (e.g. the run's best.pth or epoch_NNN.pth)")
+                         f"it may be truncated: {other}")
     if not isinstance(ckpt, dict) or not ckpt:
         raise SystemExit(f"error: {flag} {path} holds a {type(ckpt).__name__}, not a checkpoint dict or state_dict")
     return ckpt

@@ -1,10 +1,11 @@
-"""The whole story on the offline toy set: fine-tune the teacher, train the baseline, response-KD and feature-KD
-students on the same data for several seeds, and report each student's final val mIoU as mean +- std over the seeds,
-the teacher as the reference. With --live-kd, also response KD with the live teacher on the same seeds and the
-teacher-logit cache's fidelity under augmentation.
+"""The whole story on the offline toy set: fine-tune the teacher, train the baseline, response-KD, CWD and DIST
+students (with --all also feature KD) on the same data for several seeds, and report each student's final val mIoU as
+mean +- std over the seeds, the teacher as the reference. With --live-kd, also response KD with the live teacher on
+the same seeds and the teacher-logit cache's fidelity under augmentation.
 
     python demo.py                       # ~10 min on 2 CPU cores; results in checkpoints/demo/
-    python demo.py --live-kd             # then: + response KD with the live teacher, cache fidelity (~4 min more)
+    python demo.py --all                 # then: + feature KD (live teacher, ~3 min more)
+    python demo.py --live-kd             # then: + response KD with the live teacher, cache fidelity (~3 min more)
     python demo.py --real --data-dir ./data --image-size 256 --epochs 50 --teacher-epochs 0 --pretrained
 
 Each run resumes if its folder already holds a checkpoint, so an interrupted demo continues where it stopped.
@@ -20,17 +21,23 @@ import torch
 import common
 import distill
 import engine
+import fileio
 import flags
 import train_baseline
+import train_cwd
+import train_dist
 import train_feature_kd
 import train_response_kd
 
-STRATEGIES = {"baseline": (train_baseline, []), "response-kd": (train_response_kd, []),
-              "feature-kd": (train_feature_kd, []), "response-kd-live": (train_response_kd, ["--no-teacher-cache"])}
+STRATEGIES = {"baseline": (train_baseline, []), "response-kd": (train_response_kd, []), "cwd": (train_cwd, []),
+              "dist": (train_dist, []), "feature-kd": (train_feature_kd, []),
+              "response-kd-live": (train_response_kd, ["--no-teacher-cache"])}
+# feature KD runs its teacher live (2x a baseline epoch): --all adds it, so that the default demo keeps to ~10 min
+OPTIONAL = {"feature-kd": "all", "response-kd-live": "live_kd"}
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Teacher, baseline, response-KD and feature-KD students, compared.")
+    parser = argparse.ArgumentParser(description="Teacher and students of every strategy, compared.")
     parser.add_argument("--data-dir", default="./data", help="data folder (default: %(default)s)")
     parser.add_argument("--real", action="store_true", help="use VOC 2012 under --data-dir instead of the toy set")
     parser.add_argument("--out-dir", default="checkpoints/demo", help="folder of all runs (default: %(default)s)")
@@ -46,6 +53,8 @@ def get_args_parser():
                         help="Adam lr for every run; 2e-3 suits the from-scratch toy runs (default: %(default)s)")
     parser.add_argument("--limit-train", type=flags.positive_int, default=None,
                         help="train every run on the first N training images only (a quick look; default: all)")
+    parser.add_argument("--all", action="store_true",
+                        help="also train feature KD (live teacher: about 2x the time of the other students)")
     parser.add_argument("--live-kd", action="store_true",
                         help="also train response KD with the live teacher (--no-teacher-cache) for every seed, and "
                              "measure the teacher-logit cache against the live teacher on augmented crops")
@@ -81,7 +90,7 @@ def write_results(rows, out_dir):
               f"{r['epoch_s']:.1f} |" for r in rows]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(table) + "\n")
-    common.write_json(os.path.join(out_dir, "results.json"),
+    fileio.write_json(os.path.join(out_dir, "results.json"),
                       [{k: v for k, v in r.items() if k != "histories"} for r in rows])
     engine.plot_runs_miou({f"{r['model']} (seed {i})" if r["seeds"] > 1 else r["model"]: h
                            for r in rows for i, h in enumerate(r["histories"])},
@@ -128,7 +137,7 @@ def measure_cache_fidelity(args, teacher_path, out_dir):
     cache = distill.TeacherLogitCache(teacher, dataset, cpu, args.batch_size, 0, "fp32")
     fidelity = {f"T={t:g}": distill.cache_fidelity(teacher, dataset, cache, cpu, "fp32", args.batch_size, t)
                 for t in (1.0, 2.0)}
-    common.write_json(os.path.join(out_dir, "fidelity.json"), fidelity)
+    fileio.write_json(os.path.join(out_dir, "fidelity.json"), fidelity)
     for t, f in fidelity.items():
         print(f"teacher-logit cache vs live teacher on augmented training crops ({t}): argmax agreement "
               f"{100 * f['argmax_agreement']:.2f}%, mean KL(live || cached) {f['kl_live_cached']:.4f} over "
@@ -137,6 +146,7 @@ def measure_cache_fidelity(args, teacher_path, out_dir):
 
 
 def main(args):
+    fileio.check_output_dir(args.out_dir, "--out-dir")
     seeds = [int(s) for s in args.seeds.split(",")]
     shared = ["--data-dir", args.data_dir, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
               "--lr", str(args.lr)] + ([] if args.real else ["--toy"])
@@ -148,7 +158,7 @@ def main(args):
         run(train_baseline, runs["teacher"][0], shared + ["--model", "teacher", "--epochs", str(args.teacher_epochs),
                                                           "--seed", "0"])
         teacher_flag = ["--teacher-weights", os.path.join(runs["teacher"][0], "best.pth")]
-    names = [n for n in STRATEGIES if n != "response-kd-live" or args.live_kd]
+    names = [n for n in STRATEGIES if n not in OPTIONAL or getattr(args, OPTIONAL[n])]
     for name in names:
         module, extra = STRATEGIES[name]
         runs[name] = [os.path.join(args.out_dir, f"{name}_seed{seed}") for seed in seeds]

@@ -4,7 +4,6 @@ The cache holds the teacher's stride-8 logits of every training image (resized t
 at train time each sample's augmentation grid resamples them, so the soft targets follow the crop/scale/flip.
 """
 import hashlib
-import json
 import os
 import time
 import typing
@@ -17,6 +16,7 @@ from tqdm import tqdm
 import common
 import engine
 from distributed import init_distributed, log, main_process_first
+import fileio
 
 
 def add_teacher_args(parser):
@@ -26,6 +26,13 @@ def add_teacher_args(parser):
     parser.add_argument("--teacher-dtype", choices=tuple(engine.PRECISIONS), default=None,
                         help="precision the frozen teacher runs in (autocast for bf16/fp16); part of the teacher-logit "
                              "cache key (default: fp32 on CPU; on CUDA bf16 where supported, else fp16)")
+    return parser
+
+
+def add_logit_cache_arg(parser):
+    """--no-teacher-cache, for the losses that need only the teacher's logits (response KD, CWD, DIST)."""
+    parser.add_argument("--no-teacher-cache", action="store_true",
+                        help="run the teacher live on every augmented batch instead of using the logit cache")
     return parser
 
 
@@ -70,10 +77,33 @@ def setup_distillation(args, strategy):
     cfg = engine.setup(args, strategy, teacher_dtype=teacher_dtype)
     teacher = build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
     student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)
+    engine.load_initial_weights(student, args.init_weights)
     datasets = common.build_datasets(cfg.data)
     class_weights = common.compute_class_weights(datasets["train"])
     criterion = torch.nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
     return DistillationRun(cfg, teacher_dtype, teacher, student, datasets, criterion)
+
+
+def logit_source(run, batch_size, no_cache):
+    """The teacher to run live in the loss, or None: by default its logits come from the teacher-logit cache, built
+    if needed and attached to the training set (every batch then carries them)."""
+    if no_cache:
+        return run.teacher
+    cache = TeacherLogitCache(run.teacher, run.datasets["train"], run.cfg.device, batch_size, run.cfg.data.workers,
+                              run.teacher_dtype)
+    log(f"teacher-logit cache {cache.path}: {cache.size_mb:.1f} MB"
+        + (f", built in {cache.build_s:.1f}s" if cache.build_s else " (reused)"))
+    run.datasets["train"].teacher_logits = cache
+    return None
+
+
+def batch_teacher_logits(batch, teacher, teacher_dtype):
+    """The teacher's logits (B, C, S, S) for an augmented batch, at its input size: run live when teacher is given
+    (upsampled like its own output), else the batch's cached logits warped with each sample's grid."""
+    if teacher is None:
+        return cached_teacher_logits(batch)
+    with torch.no_grad(), engine.autocast(batch["image"].device, teacher_dtype):
+        return teacher(batch["image"].contiguous(memory_format=torch.channels_last)).float()
 
 
 def state_fingerprint(module):
@@ -87,34 +117,54 @@ def state_fingerprint(module):
 class TeacherLogitCache:
     """Teacher logits for every training image, at the teacher's native output resolution (stride 8), fp16, in a
     memory-mapped .npy. The teacher sees each image resized to image_size (augmentation off), in `precision`.
-    Keyed by teacher weights, its precision, image size and dataset; rebuilt when any changes."""
+    Keyed by teacher weights, its precision, image size and dataset; rebuilt when any changes or the file fails the
+    checksum its metadata records. One process builds it while any others (a sweep, torchrun ranks) wait."""
 
     def __init__(self, teacher, dataset, device, batch_size, workers, precision):
         self.path = os.path.join(dataset.cache.dir, "teacher_logits.npy")
         self.precision = precision
         key = hashlib.sha1(f"{state_fingerprint(teacher)}|{dataset.image_size}|{dataset.cache.fingerprint}|"
                            f"{len(dataset)}|{precision}".encode()).hexdigest()
-        meta_path = self.path[:-4] + ".json"
         self.build_s = 0.0
         with main_process_first():
-            meta = json.load(open(meta_path)) if os.path.isfile(meta_path) and os.path.isfile(self.path) else {}
-            if meta.get("key") != key:
-                t0 = time.perf_counter()
-                self._build(teacher, dataset, device, batch_size, workers)
-                self.build_s = time.perf_counter() - t0
-                common.write_json(meta_path, {"key": key, "teacher_dtype": precision, "build_s": self.build_s})
+            intact, damage = self._check(key)
+            if not intact:
+                if damage:
+                    fileio.warn(f"the teacher-logit cache {self.path} is damaged ({damage}); rebuilding it")
+                fileio.make_cache_dir(dataset.cache.dir, damage and f"the teacher-logit cache {self.path} is damaged "
+                                                                    f"({damage})")
+                with fileio.build_lock(dataset.cache.lock_path):
+                    if not self._check(key)[0]:  # (another process may have built it while we waited)
+                        self._build(teacher, dataset, device, batch_size, workers, key)
         self.size_mb = os.path.getsize(self.path) / 2 ** 20
         self._logits = None
 
+    def _check(self, key):
+        """(True, None) if the cache is current and intact; (False, what is damaged) if it fails its check; (False,
+        None) if there is none or it was built for another key."""
+        meta_path = self.path[:-4] + ".json"
+        if not os.path.exists(meta_path):
+            return False, None
+        try:
+            meta = fileio.read_json(meta_path)
+            if meta["key"] != key:
+                return False, None
+            damage = fileio.check_file(self.path, meta["file"])
+        except (ValueError, KeyError, TypeError) as e:
+            damage = f"{meta_path}: {e}"
+        return damage is None, damage
+
     @torch.no_grad()
-    def _build(self, teacher, dataset, device, batch_size, workers):
+    def _build(self, teacher, dataset, device, batch_size, workers, key):
+        t0 = time.perf_counter()
         plain = common.SegmentationDataset(dataset.cache, dataset.image_size, train=True, seed=dataset.seed)
         plain.augment, plain.indices = False, dataset.indices
         loader = engine.make_loader(plain, batch_size, workers)
         out = None
-        tmp = self.path[:-4] + ".tmp.npy"
-        with common.on_signal_exit("building the teacher-logit cache", cleanup=[tmp]):
-            for batch in tqdm(loader, desc="caching teacher logits", leave=False):
+        tmp = f"{self.path[:-4]}.tmp{os.getpid()}.npy"
+        with fileio.on_signal_exit("building the teacher-logit cache", cleanup=[tmp]):
+            for batch in tqdm(engine.batches(loader), total=len(loader), desc="caching teacher logits", leave=False,
+                              disable=None):
                 with engine.autocast(device, self.precision):
                     x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
                     logits = teacher(x, upsample=False).float().cpu().numpy().astype(np.float16)
@@ -123,7 +173,11 @@ class TeacherLogitCache:
                 out[batch["index"].numpy()] = logits
             out.flush()
             del out
+            record = fileio.file_record(tmp)
             os.replace(tmp, self.path)
+        self.build_s = time.perf_counter() - t0
+        fileio.write_json(self.path[:-4] + ".json", {"key": key, "teacher_dtype": self.precision,
+                                                      "build_s": self.build_s, "file": record})
 
     def __call__(self, i):
         if self._logits is None:  # opened lazily, once per (worker) process

@@ -80,3 +80,12 @@ def broadcast_object(obj):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_dict(part):
+    """The union of every process's dict (e.g. per-image scores, each rank holding its share), on every process."""
+    if not is_distributed():
+        return dict(part)
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}

@@ -10,11 +10,14 @@ A SIGINT/SIGTERM lets the current batch finish, saves an exact mid-epoch checkpo
 continues with the same batches and random numbers, so the history equals an uninterrupted run's.
 """
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import fileio
 import flags
 from distributed import (all_reduce_sum, broadcast_buffers, broadcast_object, init_distributed, is_distributed,
                          is_main, log, rank, world_size)
@@ -96,7 +100,11 @@ def add_training_args(parser, default_epochs=50):
     parser.add_argument("--out-dir", default=None,
                         help="run folder for checkpoints, history and plots (default: checkpoints/<strategy>_<time>)")
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                        help="continue a run from PATH (no PATH: OUT_DIR/last.pth)")
+                        help="continue a run from PATH, a last.pth (no PATH: OUT_DIR/last.pth)")
+    parser.add_argument("--init-weights", default=None, metavar="PATH",
+                        help="start a new run from the network weights of PATH (a run's best.pth, epoch_NNN.pth or "
+                             "last.pth; same architecture and classes); optimizer and schedule start fresh "
+                             "(default: pretrained weights, or random with --no-pretrained)")
     parser.add_argument("--save-every", type=pos_int, default=5,
                         help="also keep epoch_NNN.pth every N epochs (default: %(default)s)")
     add_amp_arg(parser)
@@ -149,12 +157,28 @@ def setup(args, strategy, **resolved):
     if args.sync_bn and device.type != "cuda":
         raise SystemExit("error: --sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop it on CPU")
     out_dir, resume = resolve_run_folder(args.out_dir, args.resume, strategy)
+    if is_main():
+        fileio.check_output_dir(out_dir, "--out-dir")  # before any slow work; leaves nothing behind
     seed_everything(args.seed)
     recorded = dict(vars(args), strategy=strategy, out_dir=out_dir, resume=resume, amp=precision,
                  image_size=data.image_size, cache_dir=data.cache_dir, **resolved)
     return TrainConfig(strategy, device, data, out_dir, resume, args.epochs, args.batch_size, args.lr,
                        args.weight_decay, args.lr_factor, args.lr_patience, args.save_every, precision,
                        args.accumulate, args.channels_last, args.sync_bn, args.skip_nonfinite, args.log_every, recorded)
+
+
+def load_initial_weights(model, path):
+    """--init-weights: the network starts from the weights stored in path (a new run, not a resumed one)."""
+    if path is None:
+        return model
+    arch = "teacher" if isinstance(model, common.Teacher) else "student"
+    loaded = common.load_model(path, "--init-weights", expect_arch=arch)
+    if loaded.num_classes != model.num_classes:
+        raise SystemExit(f"error: --init-weights {path} predicts {loaded.num_classes} classes, this run "
+                         f"{model.num_classes}; use weights trained with the same --num-classes")
+    model.load_state_dict(loaded.model.state_dict())
+    log(f"initial weights: {path}")
+    return model
 
 
 def seed_everything(seed):
@@ -201,6 +225,8 @@ def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, ski
         sampler = list(range(r, len(dataset), world))
     # an explicit generator also keeps the loader from drawing its worker seed from the global RNG, which would
     # shift dropout's random stream between an uninterrupted and a resumed run
+    if workers:
+        stop_workers_at_exit()
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        collate_fn=common.collate, drop_last=drop_last, pin_memory=False,
                                        generator=generator or torch.Generator().manual_seed(0),
@@ -214,6 +240,34 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+@functools.cache
+def stop_workers_at_exit():
+    """Make sure a run that ends in an error exits. Its traceback keeps the loader alive until the interpreter exits,
+    when PyTorch no longer stops workers and multiprocessing's exit handler terminates them with SIGTERM, which they
+    ignore (ignore_stop_signals), then waits for them forever. This handler runs first and kills them."""
+    atexit.register(kill_loader_workers)
+
+
+def kill_loader_workers():
+    # PyTorch's SIGCHLD handler would raise at the first killed worker, before the others are killed
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    workers = [p for p in multiprocessing.active_children() if p.daemon]  # nothing else this process starts is one
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout=5)
+
+
+def batches(loader):
+    """The batches of loader; a bad data file met while reading one, in a worker or here, ends the run with the one
+    line that names it (not a traceback from inside the worker)."""
+    try:
+        yield from loader
+    except common.DataProblem as e:
+        # a worker's exception arrives as "Caught DataProblem in DataLoader worker ...\n<its traceback>"
+        raise SystemExit("error: " + str(e).rstrip().splitlines()[-1].split("DataProblem: ", 1)[-1]) from None
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, num_classes, criterion=None, precision="fp32", on_prediction=None):
     """Metrics of model over loader (all-reduced under torchrun). Logits are resized to each mask's size (the image's
@@ -221,7 +275,7 @@ def evaluate(model, loader, device, num_classes, criterion=None, precision="fp32
     model.eval()
     confmat = common.ConfusionMatrix(num_classes)
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync per image
-    for batch in loader:
+    for batch in batches(loader):
         with autocast(device, precision):
             logits = model(batch["image"].to(device, non_blocking=True)).float()
         masks = batch["mask"] if isinstance(batch["mask"], list) else list(batch["mask"])
@@ -292,33 +346,40 @@ def train_one_epoch(net, compute_loss, loader, optimizer, scaler, progress, cfg,
     net.train()
     stop = stop if stop is not None else StopRequest()  # (not installed: never set)
     sums, t0, end = DeviceSums(progress, cfg.device), time.perf_counter(), progress.step + len(loader)
-    bar = tqdm(total=end, initial=progress.step, desc=f"epoch {progress.epoch}", leave=False, dynamic_ncols=True,
-               disable=not is_main())
-    t_wait, steps = time.perf_counter(), 0
-    for i, batch in enumerate(loader, start=1):
-        progress.wait += time.perf_counter() - t_wait
-        batch = {k: v.to(cfg.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if cfg.channels_last:
-            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-        step_now = i % cfg.accumulate == 0 or i == len(loader)
-        with contextlib.nullcontext() if step_now or not is_distributed() else net.no_sync():
-            with autocast(cfg.device, cfg.precision):
-                loss, terms = compute_loss(net, batch)
-            ((scaler.scale(loss) if scaler is not None else loss) / cfg.accumulate).backward()
-        sums.add(progress.step, loss, terms, batch["image"].shape[0])
-        progress.step += 1
-        bar.update()
-        if step_now:
-            steps += 1
-            progress.skipped += optimizer_step(net, optimizer, scaler, cfg.skip_nonfinite)
-            if steps % cfg.log_every == 0 or i == len(loader) or (stop.signal and not is_distributed()):
-                if sync_point(sums, progress, bar, stop, cfg, t0):
-                    break
-        t_wait = time.perf_counter()
-    bar.close()
+    # a bar on a terminal only (sync_point prints plain lines to a redirected log); closed on any error, so an error
+    # message starts on a line of its own
+    with tqdm(total=end, initial=progress.step, desc=f"epoch {progress.epoch}", leave=False, dynamic_ncols=True,
+              disable=None if is_main() else True) as bar:
+        t_wait, steps = time.perf_counter(), 0
+        for i, batch in enumerate(batches(loader), start=1):
+            progress.wait += time.perf_counter() - t_wait
+            batch = to_device(batch, cfg)
+            step_now = i % cfg.accumulate == 0 or i == len(loader)
+            with contextlib.nullcontext() if step_now or not is_distributed() else net.no_sync():
+                with autocast(cfg.device, cfg.precision):
+                    loss, terms = compute_loss(net, batch)
+                ((scaler.scale(loss) if scaler is not None else loss) / cfg.accumulate).backward()
+            sums.add(progress.step, loss, terms, batch["image"].shape[0])
+            progress.step += 1
+            bar.update()
+            if step_now:
+                steps += 1
+                progress.skipped += optimizer_step(net, optimizer, scaler, cfg.skip_nonfinite)
+                if steps % cfg.log_every == 0 or i == len(loader) or (stop.signal and not is_distributed()):
+                    if sync_point(sums, progress, bar, stop, cfg, t0):
+                        break
+            t_wait = time.perf_counter()
     progress.seconds += time.perf_counter() - t0
     sums.read(progress)
     return progress.step == end
+
+
+def to_device(batch, cfg):
+    """The batch's tensors on the training device, its image in the training memory format."""
+    batch = {k: v.to(cfg.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if cfg.channels_last:
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    return batch
 
 
 def optimizer_step(net, optimizer, scaler, skip_nonfinite):
@@ -346,16 +407,19 @@ def sync_point(sums, progress, bar, stop, cfg, t0):
     if bad and not cfg.skip_nonfinite:
         terms = ", ".join(k for k, v in sums.bad_terms.items() if k != "loss" and bool(v)) or "total"
         where = f"batch {first_bad}" if first_bad >= 0 else "a batch of another process"
-        raise SystemExit(f"error: non-finite loss at epoch {progress.epoch} {where} (terms: {terms}); the last good "
-                         f"checkpoint is kept. Lower --lr, check the data, or pass --skip-nonfinite")
+        raise SystemExit(f"error: non-finite loss at epoch {progress.epoch} {where} (terms: {terms}); "
+                         f"{restart_advice(cfg.out_dir, skip_nonfinite=True)}")
     if bad and first_bad >= 0:
         warnings.warn(f"epoch {progress.epoch}: non-finite loss at batch {first_bad}; its optimizer step is skipped "
                       f"(--skip-nonfinite)")
         sums.first_bad.fill_(-1)
         sums.bad_terms = {}
-    seconds = progress.seconds + time.perf_counter() - t0
-    bar.set_postfix(loss=f"{progress.totals.get('loss', 0.0) / max(progress.images, 1):.4f}",
-                    img_s=f"{progress.images / max(seconds, 1e-9):.1f}")
+    loss, img_s = progress.totals.get("loss", 0.0) / max(progress.images, 1), progress.images / max(
+        progress.seconds + time.perf_counter() - t0, 1e-9)
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.1f}")
+    if bar.disable and is_main():  # output redirected to a file: a plain line instead of the bar
+        print(f"epoch {progress.epoch} batch {progress.step}/{bar.total} | loss {loss:.4f} | {img_s:.1f} img/s",
+              flush=True)
     return stop.agreed
 
 
@@ -417,6 +481,11 @@ def check_same_experiment(saved, current, path):
 def restore_checkpoint(path, model, adapters, optimizer, scheduler, scaler, cfg, arch):
     """Put back everything make_checkpoint() saved; returns the RunState to continue from."""
     ckpt = common.read_checkpoint(path, "--resume")
+    missing = [k for k in ("optimizer", "scheduler", "rng", "epoch") if k not in ckpt]
+    if missing:
+        raise SystemExit(f"error: --resume {path} holds weights only, no training state ({', '.join(missing)}), so no "
+                         f"run can continue from it; start a new run from its weights with --init-weights {path} and "
+                         f"another --out-dir")
     for key, have in (("arch", arch), ("num_classes", cfg.data.num_classes), ("strategy", cfg.strategy)):
         was = ckpt.get(key) if key != "strategy" else ckpt.get("args", {}).get("strategy")
         if was != have:
@@ -443,7 +512,7 @@ def restore_checkpoint(path, model, adapters, optimizer, scheduler, scaler, cfg,
 
 
 def save_checkpoint(obj, path):
-    common.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    fileio.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,13 +570,14 @@ def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
                 finish_interrupted(save, state, cfg, arch, stop, f"at epoch {epoch} batch {progress.step}")
             broadcast_buffers(model)
             metrics = evaluate(model, val_loader, cfg.device, cfg.data.num_classes, criterion, cfg.precision)
-            check_not_diverged(model, metrics, epoch)
+            check_not_diverged(model, metrics, epoch, cfg.out_dir)
             scheduler.step(metrics["miou"])
             record = {"epoch": epoch, **epoch_stats(progress, cfg.device), "val_loss": metrics["loss"],
                       "val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"],
                       "val_mean_class_acc": metrics["mean_class_acc"], "lr": optimizer.param_groups[0]["lr"],
                       "epoch_s": seconds_before + time.perf_counter() - t0}
-            end_epoch(save, state, record, cfg, arch)
+            with stop.saving():
+                end_epoch(save, state, record, cfg, arch)
             if stop.agreed or (stop.signal and not is_distributed()):
                 finish_interrupted(save, state, cfg, arch, stop, f"after epoch {epoch}", saved=True)
     best = "none" if state.best_miou is None else f"{100 * state.best_miou:.2f}"
@@ -517,14 +587,25 @@ def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
     return state.history
 
 
-def check_not_diverged(model, metrics, epoch):
+def check_not_diverged(model, metrics, epoch, out_dir):
     """A NaN/inf val loss or weight stops the run before anything is saved: a diverged model (whose NaN logits
     would argmax to background and score a plausible mIoU) never becomes best.pth."""
     finite_weights = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     if not (math.isfinite(metrics["loss"]) and finite_weights):
         what = f"val loss {metrics['loss']}" if finite_weights else "non-finite weights"
-        raise SystemExit(f"error: the model diverged at epoch {epoch} ({what}); nothing of this epoch was saved, the "
-                         f"last good checkpoint is kept. Lower --lr (and check the data)")
+        raise SystemExit(f"error: the model diverged at epoch {epoch} ({what}); nothing of this epoch was saved. "
+                         f"{restart_advice(out_dir)}")
+
+
+def restart_advice(out_dir, skip_nonfinite=False):
+    """What to run after a run stopped for a NaN/inf: only commands this repo accepts, with files that exist."""
+    last, best = os.path.join(out_dir, "last.pth"), os.path.join(out_dir, "best.pth")
+    options = []
+    if skip_nonfinite and os.path.isfile(last):
+        options.append(f"continue from {last} skipping such steps: the same command plus --resume --skip-nonfinite")
+    fresh = "start a new run (another --out-dir) with a lower --lr"
+    options.append(fresh + (f", from the last good weights with --init-weights {best}" if os.path.isfile(best) else ""))
+    return "; or ".join(options) + " (and check the data)"
 
 
 @contextlib.contextmanager
@@ -537,7 +618,7 @@ def run_folder(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     with run_lock(cfg.out_dir):
         if not cfg.resume:
-            common.write_json(os.path.join(cfg.out_dir, "config.json"), cfg.flags)
+            fileio.write_json(os.path.join(cfg.out_dir, "config.json"), cfg.flags)
         yield
 
 
@@ -596,7 +677,7 @@ def end_epoch(save, state, record, cfg, arch):
         save_checkpoint(weights_checkpoint(ckpt), os.path.join(cfg.out_dir, f"epoch_{state.epoch:03d}.pth"))
     if is_best:
         save_checkpoint(weights_checkpoint(ckpt), os.path.join(cfg.out_dir, "best.pth"))
-    common.write_json(os.path.join(cfg.out_dir, "history.json"), state.history)
+    fileio.write_json(os.path.join(cfg.out_dir, "history.json"), state.history)
     with open(os.path.join(cfg.out_dir, "history.json")) as f:
         plot_history(json.load(f), cfg.out_dir)
     print(format_epoch(record), flush=True)
@@ -606,7 +687,8 @@ def finish_interrupted(save, state, cfg, arch, stop, where, saved=False):
     """Save a resumable checkpoint (unless the epoch's end just did) and exit naming how to continue."""
     last = os.path.join(cfg.out_dir, "last.pth")
     if is_main() and not saved:
-        save_checkpoint(make_checkpoint(*save, state, cfg, arch), last)
+        with stop.saving():
+            save_checkpoint(make_checkpoint(*save, state, cfg, arch), last)
     raise SystemExit(f"interrupted by {stop.signal}: saved {last} {where}; continue with the same command plus "
                      f"--resume")
 
@@ -619,12 +701,18 @@ def format_epoch(rec):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM while training: the first lets the loop finish its batch, save a resumable checkpoint and
-    exit; a second exits at once."""
+    """SIGINT/SIGTERM while training: the first lets the loop finish its batch, save a resumable checkpoint and exit.
+    A repeat within REPEAT_WINDOW_S of the first is the same request (a launcher such as `timeout` or srun forwards
+    the signal the whole process group already got) and, like any signal while a checkpoint is being written, does
+    not abandon the save; a deliberate later repeat exits at once, leaving the last complete checkpoint intact (they
+    are written atomically)."""
+
+    REPEAT_WINDOW_S = 3.0
 
     def __init__(self):
         self.signal, self._previous = None, {}
         self.agreed = False  # every process knows of a stop request (set where the loop syncs)
+        self._first_at, self._saving = None, False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -633,12 +721,27 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:
-            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr)
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if self.signal is None:
+            self.signal, self._first_at = name, now
+            print(f"\n{name}: saving a resumable checkpoint after this batch (a repeat more than "
+                  f"{self.REPEAT_WINDOW_S:g} s later exits at once)", file=sys.stderr, flush=True)
+        elif self._saving or now - self._first_at < self.REPEAT_WINDOW_S:
+            print(f"\n{name} again {now - self._first_at:.1f} s after the first: "
+                  f"{'writing the checkpoint' if self._saving else 'the same request'}, still saving",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"\n{name} again: exiting now; the last complete checkpoint is kept", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal}: saving a resumable checkpoint after this batch (send it again to exit at once)",
-              file=sys.stderr)
+
+    @contextlib.contextmanager
+    def saving(self):
+        """No signal abandons what is written inside this block."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

@@ -19,8 +19,9 @@ from PIL import Image
 
 import common
 import engine
+import fileio
 import flags
-from distributed import init_distributed
+from distributed import gather_dict, init_distributed, is_main
 
 
 def get_args_parser():
@@ -275,7 +276,9 @@ def main(args):
     weights = list(args.weights) + [os.path.join(r, "best.pth") for r in args.runs]
     if not weights:
         raise SystemExit("error: give --weights PATH [PATH ...] or --runs RUN_DIR [RUN_DIR ...]")
-    check_outputs(args)
+    if args.browse and "RANK" in os.environ:
+        raise SystemExit("error: --browse is interactive: run it without torchrun (other output flags work under it)")
+    check_outputs(args, several=len(weights) > 1)
     if len(weights) == 1:
         return evaluate_weights(args, weights[0])["metrics"]
     single = [f for f in ("json", "save_predictions", "save_vis", "html", "analysis", "browse") if getattr(args, f)]
@@ -283,7 +286,8 @@ def main(args):
         raise SystemExit(f"error: --{single[0].replace('_', '-')} takes one model; run evaluate.py per model for it "
                          f"(several --weights/--runs write a comparison to --comparison {args.comparison})")
     results = [evaluate_weights(args, w, per_image=True) for w in weights]
-    write_comparison(results, args.comparison, min(args.num_vis, 4))
+    if is_main():
+        write_comparison(results, args.comparison, min(args.num_vis, 4))
     return [r["metrics"] for r in results]
 
 
@@ -386,13 +390,17 @@ def evaluate_weights(args, weights, per_image=False):
         if args.save_predictions:
             common.save_mask_png(pred, os.path.join(args.save_predictions, dataset.cache.ids[k] + ".png"))
 
+    if args.save_predictions:
+        os.makedirs(args.save_predictions, exist_ok=True)
     model = loaded.model.to(device)
     metrics = engine.evaluate(model, loader, device, loaded.num_classes, precision=engine.resolve_amp(args.amp, device),
                               on_prediction=on_prediction)
     names = class_names(loaded.num_classes)
+    scores = gather_dict(scores)  # under torchrun each process scored its share of the images
     ordered = [scores[k] for k in range(len(dataset))] if per_image else None
-    report(args, weights, loaded, data, metrics, names, engine.resolve_amp(args.amp, device))
-    write_outputs(args, weights, loaded, model, dataset, metrics, names, ordered, predictions, device)
+    if is_main():  # rank 0 alone prints and writes; prediction PNGs and HTML images were written by each rank
+        report(args, weights, loaded, data, metrics, names, engine.resolve_amp(args.amp, device))
+        write_outputs(args, weights, loaded, model, dataset, metrics, names, ordered, predictions, device)
     return {"metrics": metrics, "weights": weights, "arch": loaded.arch,
             "strategy": loaded.checkpoint.get("args", {}).get("strategy", loaded.arch),
             "params": common.count_params(model), "names": names, "scores": ordered, "model": model,
@@ -413,7 +421,7 @@ def report(args, weights, loaded, data, metrics, names, precision):
     print(f"mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['pixel_acc']:.2f}  "
           f"mean class acc {100 * metrics['mean_class_acc']:.2f}")
     if args.json:
-        common.write_json(args.json, {
+        fileio.write_json(args.json, {
             "weights": weights, "arch": loaded.arch, "split": args.split, "image_size": data.image_size,
             "precision": precision, "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
             "mean_class_acc": metrics["mean_class_acc"], "num_images": metrics["num_images"],
@@ -441,23 +449,17 @@ def write_outputs(args, weights, loaded, model, dataset, metrics, names, ordered
         browse(dataset, predictions, ordered, names)
 
 
-def check_outputs(args):
+def check_outputs(args, several):
     """Fail before any work when an output path cannot be written (not after a whole evaluation)."""
     if args.browse:
         check_display()
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise SystemExit(f"error: --json {args.json}: cannot write to {folder}; choose a writable path")
-    for flag in ("save_predictions", "save_vis", "html", "analysis"):
+        fileio.check_output_file(args.json, "--json")
+    folders = ["save_predictions", "save_vis", "html", "analysis"]
+    for flag in folders + ["comparison"] * several:
         folder = getattr(args, flag)
         if folder:
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as e:
-                raise SystemExit(f"error: --{flag.replace('_', '-')} {folder}: cannot create it ({e.strerror})")
-            if not os.access(folder, os.W_OK):
-                raise SystemExit(f"error: --{flag.replace('_', '-')} {folder}: not writable; choose another folder")
+            fileio.check_output_dir(folder, f"--{flag.replace('_', '-')}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import urllib.error
 import numpy as np
 
 import common
+import fileio
 
 # SBD (Hariharan et al. 2011): 11,355 VOC2011 images with masks as .mat files; with VOC 2012 train and minus VOC 2012
 # val it gives the 10,582-image "trainaug" set published VOC results train on.
@@ -56,7 +57,7 @@ def trainaug_pairs(voc_root, data_dir, download=True):
             mask_path = os.path.join(png_dir, image_id + ".png")
             if not os.path.isfile(mask_path):
                 mat = os.path.join(root, "cls", image_id + ".mat")
-                common.atomic_write(mask_path, lambda tmp, mat=mat: common.save_mask_png(read_sbd_mask(mat), tmp))
+                fileio.atomic_write(mask_path, lambda tmp, mat=mat: common.save_mask_png(read_sbd_mask(mat), tmp))
         pairs.append((image_id, img_path, mask_path))
     return pairs
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import common
 import engine
+import fileio
 import flags
 from distributed import init_distributed
 
@@ -196,6 +197,9 @@ def run(args, model, name, teacher=None):
     the profile, --json and --plot."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    for flag in ("json", "plot"):
+        if getattr(args, flag):
+            fileio.check_output_file(getattr(args, flag), f"--{flag}")
     device = init_distributed(args.device)
     data = common.data_config(args, default_image_size=256)
     val_loader = None
@@ -216,7 +220,7 @@ def run(args, model, name, teacher=None):
                                              for k, ms, g in profile_onnxruntime(model, x1, args.threads)]
         print_profile(result)
     if args.json:
-        common.write_json(args.json, result)
+        fileio.write_json(args.json, result)
         print(f"wrote {args.json}")
     if args.plot:
         others = []

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-import common
+import fileio
 from common import IGNORE_INDEX, save_mask_png
 
 TOY_VERSION = 1
@@ -74,20 +74,36 @@ def _toy_sample(rng):
 
 
 def make_toy_voc(toy_dir, seed=0):
-    """Generate (once, deterministically) the synthetic dataset in VOC folder format; returns its root."""
+    """Generate (once, deterministically) the synthetic dataset in VOC folder format; returns its root. Several runs
+    started together on a fresh --data-dir: one generates it, the others wait for it and use it."""
     root = os.path.join(toy_dir, "VOCdevkit", "VOC2012")
     stamp = os.path.join(toy_dir, "COMPLETE")
-    if os.path.exists(stamp) and open(stamp).read().strip() == f"toy v{TOY_VERSION} seed {seed}":
+    wanted = f"toy v{TOY_VERSION} seed {seed}"
+    if _stamp(stamp) == wanted:
         return root
-    tmp = toy_dir + ".tmp"
     try:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
+        os.makedirs(os.path.dirname(os.path.abspath(toy_dir)), exist_ok=True)
+        with fileio.build_lock(toy_dir + ".lock"):
+            if _stamp(stamp) != wanted:  # (another process may have generated it while we waited)
+                _generate(toy_dir, seed, wanted)
     except OSError as e:
         raise SystemExit(f"error: cannot generate the toy set in {toy_dir} ({e.strerror}); point --data-dir at a "
-                         f"writable folder")
-    with common.on_signal_exit(f"generating the toy set in {toy_dir}", cleanup=[tmp]):
+                         f"writable folder") from None
+    return root
+
+
+def _stamp(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _generate(toy_dir, seed, stamp):
+    """Write the whole set into a folder of this process's own, then swap it in for toy_dir."""
+    tmp = f"{toy_dir}.tmp{os.getpid()}"
+    with fileio.on_signal_exit(f"generating the toy set in {toy_dir}", cleanup=[tmp]):
         tmp_root = os.path.join(tmp, "VOCdevkit", "VOC2012")
         for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
             os.makedirs(os.path.join(tmp_root, sub), exist_ok=True)
@@ -104,8 +120,7 @@ def make_toy_voc(toy_dir, seed=0):
         with open(os.path.join(tmp_root, "ImageSets", "Segmentation", "trainval.txt"), "w") as f:
             f.write("\n".join(all_ids) + "\n")
         with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-            f.write(f"toy v{TOY_VERSION} seed {seed}\n")
-    if os.path.exists(toy_dir):
-        shutil.rmtree(toy_dir)
-    os.replace(tmp, toy_dir)
-    return root
+            f.write(stamp + "\n")
+        if os.path.exists(toy_dir):
+            shutil.rmtree(toy_dir)
+        os.replace(tmp, toy_dir)

@@ -33,6 +33,7 @@ def main(args):
     cfg = engine.setup(args, strategy=f"baseline-{args.model}")
     # the model first: missing pretrained weights fail before any slow data work
     model = common.build_model(args.model, cfg.data.num_classes, pretrained=not args.no_pretrained)
+    engine.load_initial_weights(model, args.init_weights)
     datasets = common.build_datasets(cfg.data)
     class_weights = common.compute_class_weights(datasets["train"])
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(cfg.device), ignore_index=common.IGNORE_INDEX)

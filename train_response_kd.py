@@ -11,14 +11,12 @@ are cached (fp16, native stride 8) and warped with each sample's augmentation.
 """
 import argparse
 
-import torch
 import torch.nn.functional as F
 
 import common
 import distill
 import engine
 import flags
-from distributed import log
 
 
 def get_args_parser():
@@ -31,8 +29,7 @@ def get_args_parser():
                         help="weight of the KD term (default: %(default)s)")
     parser.add_argument("--temperature", type=flags.positive_float, default=2.0,
                         help="softmax temperature T of both distributions (default: %(default)s)")
-    parser.add_argument("--no-teacher-cache", action="store_true",
-                        help="run the teacher live on every augmented batch instead of using the logit cache")
+    distill.add_logit_cache_arg(parser)
     return parser
 
 
@@ -50,11 +47,7 @@ def make_compute_loss(criterion, teacher, teacher_dtype, temperature, ce_weight,
     teacher logits (TeacherLogitCache), else the teacher runs live on the augmented batch."""
     def compute_loss(net, batch):
         logits = net(batch["image"])
-        if teacher is not None:
-            with torch.no_grad(), engine.autocast(batch["image"].device, teacher_dtype):
-                teacher_logits = teacher(batch["image"].contiguous(memory_format=torch.channels_last)).float()
-        else:
-            teacher_logits = distill.cached_teacher_logits(batch)
+        teacher_logits = distill.batch_teacher_logits(batch, teacher, teacher_dtype)
         ce = criterion(logits, batch["mask"])
         kd = response_kd_loss(logits.float(), teacher_logits, batch["mask"], temperature)
         return ce_weight * ce + soft_target_weight * kd, {"ce": ce, "kd": kd}
@@ -63,14 +56,7 @@ def make_compute_loss(criterion, teacher, teacher_dtype, temperature, ce_weight,
 
 def main(args):
     run = distill.setup_distillation(args, strategy="response-kd")
-    teacher = run.teacher
-    if not args.no_teacher_cache:
-        cache = distill.TeacherLogitCache(teacher, run.datasets["train"], run.cfg.device, args.batch_size,
-                                          run.cfg.data.workers, run.teacher_dtype)
-        log(f"teacher-logit cache {cache.path}: {cache.size_mb:.1f} MB"
-            + (f", built in {cache.build_s:.1f}s" if cache.build_s else " (reused)"))
-        run.datasets["train"].teacher_logits = cache
-        teacher = None  # everything the loss needs from it is in the cache now
+    teacher = distill.logit_source(run, args.batch_size, args.no_teacher_cache)
     compute_loss = make_compute_loss(run.criterion, teacher, run.teacher_dtype, args.temperature, args.ce_weight,
                                      args.soft_target_weight)
     return engine.train(run.student, compute_loss, run.datasets, run.criterion, run.cfg)

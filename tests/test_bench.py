@@ -13,7 +13,8 @@ def test_benchmark_reports_every_figure(data_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report  # last stdout line: the JSON
     assert report["loader_img_s"] > 0 and report["teacher_cache_build_img_s"] > 0
     assert report["precision"] == "fp32" and report["image_size"] == 32 and report["batch_size"] == 2
-    expected = {f"{s} {m}" for s in ("baseline", "response-kd", "feature-kd") for m in ("channels_last", "contiguous")}
+    expected = {f"{s} {m}" for s in bench_throughput.STRATEGIES for m in ("channels_last", "contiguous")}
+    assert {"cwd", "dist"} < set(bench_throughput.STRATEGIES)
     assert set(report["train"]) == expected
     for figures in report["train"].values():
         assert figures["img_s"] > 0 and 0 <= figures["data_wait_frac"] < 1

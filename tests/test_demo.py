@@ -14,16 +14,17 @@ def test_demo_table_summarises_every_seed(data_dir, tmp_path):
     argv = ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1", "--teacher-epochs", "1",
             "--image-size", "32", "--limit-train", "16", "--seeds", "0,1", "--live-kd"]
     rows = demo.main(demo.get_args_parser().parse_args(argv))
-    assert [r["model"] for r in rows] == ["teacher", "baseline", "response-kd", "feature-kd", "response-kd-live"]
+    # feature KD (live teacher) only with --all; its script's CLI is covered in test_distillation
+    assert [r["model"] for r in rows] == ["teacher", "baseline", "response-kd", "cwd", "dist", "response-kd-live"]
     results = {r["model"]: r for r in json.loads((out / "results.json").read_text())}
-    for name in ("baseline", "response-kd", "feature-kd", "response-kd-live"):
+    for name in ("baseline", "response-kd", "cwd", "dist", "response-kd-live"):
         finals = [100 * json.loads((out / f"{name}_seed{s}" / "history.json").read_text())[-1]["val_miou"]
                   for s in (0, 1)]
         assert results[name]["miou_runs"] == finals and results[name]["seeds"] == 2
         assert results[name]["miou"] == pytest.approx(statistics.mean(finals))
         assert results[name]["miou_std"] == pytest.approx(statistics.stdev(finals))
     table = (out / "results.md").read_text().splitlines()
-    assert table[0].startswith("| model | params (M) | seeds | final val mIoU (mean +- std) |") and len(table) == 7
+    assert table[0].startswith("| model | params (M) | seeds | final val mIoU (mean +- std) |") and len(table) == 8
     for name in ("summary.png", "miou_all.png"):
         assert Image.open(out / name).size[0] >= 500
     fidelity = json.loads((out / "fidelity.json").read_text())

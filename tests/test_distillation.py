@@ -1,5 +1,6 @@
 """Distillation: the KD loss against an independent formula, a frozen teacher, the teacher-logit cache (== live teacher
-with augmentation off, invalidation), feature alignment, and both scripts' CLIs incl. resume."""
+with augmentation off, invalidation), feature alignment, and every KD script's CLI incl. resume (exact for CWD and
+DIST)."""
 import json
 import os
 import subprocess
@@ -13,11 +14,14 @@ import common
 import distill
 import engine
 import train_baseline
+import train_cwd
+import train_dist
 import train_feature_kd
 import train_response_kd
 from conftest import REPO, small_run_args
 
 OUTPUTS = ("last.pth", "best.pth", "history.json", "config.json", "loss.png", "miou.png")
+COMPARED = ("train_loss", "val_loss", "val_miou", "val_pixel_acc", "lr")
 
 
 def test_response_kd_loss_against_independent_formula():
@@ -169,6 +173,8 @@ def test_cache_is_reused_and_rebuilt_when_teacher_or_precision_changes(data_dir,
 @pytest.mark.parametrize("module,extra", [
     (train_response_kd, []),                             # teacher-logit cache, fp32 teacher (the CPU default)
     (train_feature_kd, ["--teacher-dtype", "bf16"]),     # live teacher in bf16
+    (train_cwd, []),                                     # teacher-logit cache
+    (train_dist, ["--no-teacher-cache"]),                # live teacher
 ])
 def test_kd_cli_one_epoch_then_resume(module, extra, data_dir, toy_teacher, tmp_path):
     out = tmp_path / "run"
@@ -179,16 +185,24 @@ def test_kd_cli_one_epoch_then_resume(module, extra, data_dir, toy_teacher, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in OUTPUTS:
         assert os.path.getsize(out / name) > 0, name
-    dtype = "bf16" if extra else "fp32"
+    dtype = "bf16" if "bf16" in extra else "fp32"
     assert f"runs in {dtype}" in proc.stdout and "precision fp32" in proc.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["teacher_dtype"] == dtype and config["amp"] == "fp32"
     module.main(module.get_args_parser().parse_args(base + ["--epochs", "2", "--resume"]))  # resume in-process
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1]
-    terms = {"response": {"train_loss_ce", "train_loss_kd"},
-             "feature": {"train_loss_ce", "train_loss_feat_stage16", "train_loss_feat_head"}}
-    assert terms["feature" if "feature" in script else "response"] <= set(history[-1])
+    terms = {"train_response_kd": {"train_loss_ce", "train_loss_kd"},
+             "train_feature_kd": {"train_loss_ce", "train_loss_feat_stage16", "train_loss_feat_head"},
+             "train_cwd": {"train_loss_ce", "train_loss_cwd"},
+             "train_dist": {"train_loss_ce", "train_loss_dist_inter", "train_loss_dist_intra"}}
+    assert terms[module.__name__] <= set(history[-1])
+    if module in (train_cwd, train_dist):  # the resumed run is the uninterrupted one, to the last digit
+        straight = module.main(module.get_args_parser().parse_args(
+            small_run_args(data_dir, tmp_path / "straight", "--teacher-weights", toy_teacher, "--limit-train", "16",
+                           "--image-size", "32", *extra, "--epochs", "2")))
+        for a, b in zip(history, straight):
+            assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
     ckpt = torch.load(out / "last.pth", weights_only=True)
     if "feature" in script:  # adapters saved for resume, but not in the deployable student
         assert set(ckpt["adapters"]) == {"stage16.weight", "stage16.bias", "head.weight", "head.bias"}

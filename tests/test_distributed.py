@@ -1,7 +1,7 @@
-"""torchrun: 2 CPU processes (gloo, DistributedDataParallel) train baseline, response KD (teacher-logit cache built by
-rank 0) and feature KD (return_features and the adapters through DDP) for 1 epoch; rank 0 alone writes and logs, and
-the all-reduced val mIoU equals a 1-process evaluation of the saved weights; the baseline then resumes under
-torchrun."""
+"""torchrun: 2 CPU processes (gloo, DistributedDataParallel) train baseline, response KD, CWD and DIST (teacher-logit
+cache built by rank 0) and feature KD (return_features and the adapters through DDP) for 1 epoch; rank 0 alone writes
+and logs, and the all-reduced val mIoU equals a 1-process evaluation of the saved weights; the baseline then resumes
+under torchrun."""
 import json
 import os
 import subprocess
@@ -15,11 +15,12 @@ import evaluate
 from conftest import REPO, small_run_args
 
 
-@pytest.mark.parametrize("script", ["train_baseline.py", "train_response_kd.py", "train_feature_kd.py"])
+@pytest.mark.parametrize("script", ["train_baseline.py", "train_response_kd.py", "train_feature_kd.py", "train_cwd.py",
+                                    "train_dist.py"])
 def test_torchrun_two_processes(script, data_dir, tmp_path):
     out = tmp_path / "run"
     extra = []
-    if "kd" in script:
+    if script != "train_baseline.py":
         teacher = tmp_path / "teacher.pth"
         torch.manual_seed(0)
         torch.save({"model": common.Teacher(21).state_dict(), "arch": "teacher", "num_classes": 21}, teacher)
@@ -41,7 +42,7 @@ def test_torchrun_two_processes(script, data_dir, tmp_path):
     single = json.loads(report.read_text())
     assert single["num_images"] == 12
     assert history[0]["val_miou"] == single["miou"] and history[0]["val_pixel_acc"] == single["pixel_acc"]
-    if "kd" in script:
+    if script != "train_baseline.py":
         return
     # resume under torchrun: both ranks restore the checkpoint, rank 0 alone logs and writes epoch 1
     again = subprocess.run(launch + [*argv[:-2], "--epochs", "2", "--resume"], cwd=REPO, capture_output=True,

@@ -1,5 +1,6 @@
-"""Faults: SIGTERM inside an epoch and kill -9 both resume to exactly the uninterrupted history; non-finite
-losses stop (or skip) naming the batch and term; a full disk keeps the old checkpoint; a truncated JPEG is named."""
+"""Faults: SIGTERM inside an epoch (also forwarded twice by a wrapper) and kill -9 both resume to exactly the
+uninterrupted history; non-finite losses stop (or skip) naming the batch and term; a full disk keeps the old
+checkpoint; a truncated JPEG is named."""
 import dataclasses
 import errno
 import json
@@ -34,22 +35,24 @@ def reference(data_dir, tmp_path_factory):
     return json.loads((out / "history.json").read_text())
 
 
-def _start_and_signal(data_dir, out, sig, *extra):
-    """Start a run in its own process group, send sig to the whole group (as `timeout`, SLURM or Ctrl-C do: loader
-    workers included) once its progress bar shows epoch 1 under way, wait for the exit."""
-    proc = subprocess.Popen([sys.executable, "train_baseline.py", *_args(data_dir, out), *extra], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    stderr = []
-    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+def _start_and_signal(data_dir, out, sig, *extra, wrapper=()):
+    """Start a run in its own process group (under `wrapper`, e.g. `timeout`, if given), send sig to the whole group
+    (as `timeout`, SLURM or Ctrl-C do: loader workers and the wrapper included) once its log shows epoch 1 under way,
+    wait for the exit. Returns (exit code, stdout and stderr together)."""
+    proc = subprocess.Popen([*wrapper, sys.executable, "train_baseline.py", *_args(data_dir, out), "--log-every", "1",
+                             *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    output = []
+    reader = threading.Thread(target=lambda: output.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
     reader.start()
     deadline = time.time() + 120
-    while not re.search(r"epoch 1: .*\| [1-6]/8 ", "".join(stderr)):
-        assert proc.poll() is None and time.time() < deadline, "".join(stderr)[-2000:]
+    while not re.search(r"epoch 1 batch [1-6]/8 ", "".join(output)):
+        assert proc.poll() is None and time.time() < deadline, "".join(output)[-2000:]
         time.sleep(0.01)
     os.killpg(proc.pid, sig)
     proc.wait(timeout=120)
     reader.join(timeout=10)
-    return proc.returncode, "".join(stderr)
+    return proc.returncode, "".join(output)
 
 
 def _resume_and_compare(data_dir, out, reference):
@@ -64,35 +67,25 @@ def _resume_and_compare(data_dir, out, reference):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_the_process_group_inside_an_epoch_saves_and_resumes_exactly(sig, data_dir, tmp_path, reference):
     out = tmp_path / "run"
-    code, stderr = _start_and_signal(data_dir, out, sig, "--workers", "2")  # the workers get the signal too
+    code, output = _start_and_signal(data_dir, out, sig, "--workers", "2")  # the workers get the signal too
     name = signal.Signals(sig).name
-    assert code == 1 and f"interrupted by {name}" in stderr and "--resume" in stderr, stderr[-2000:]
-    assert stderr.count(f"{name}: saving") == 1 and "DataLoader worker" not in stderr  # the workers ignored it
+    assert code == 1 and f"interrupted by {name}" in output and "--resume" in output, output[-2000:]
+    assert output.count(f"{name}: saving") == 1 and "DataLoader worker" not in output  # the workers ignored it
     ckpt = torch.load(out / "last.pth", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["partial"]["epoch"] == 1 and 1 <= ckpt["partial"]["step"] < 8
     _resume_and_compare(data_dir, out, reference)
 
 
-def test_second_signal_exits_at_once(data_dir, tmp_path):
-    # 192 px batches take long enough that the second signal lands before the first one's checkpoint is written
-    argv = _args(data_dir, tmp_path / "run", "--image-size", "192")
-    proc = subprocess.Popen([sys.executable, "train_baseline.py", *argv],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stderr = []
-    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
-    reader.start()
-    deadline = time.time() + 120
-    while "epoch 0:" not in "".join(stderr):
-        assert proc.poll() is None and time.time() < deadline, "".join(stderr)[-2000:]
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    while "saving a resumable checkpoint" not in "".join(stderr):
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
-    reader.join(timeout=10)
-    assert "SIGTERM again: exiting now" in "".join(stderr)
+def test_signal_forwarded_by_a_wrapper_in_the_same_group_still_saves(data_dir, tmp_path, reference):
+    """`timeout` (like srun-style launchers) passes on the SIGTERM the whole group got, so the run receives it twice
+    within milliseconds (Python may run its handler once for both): either way a resumable checkpoint is saved and the
+    run resumes exactly. The handler's rules for a repeat are tested without timing in test_data_path_faults.py."""
+    out = tmp_path / "run"
+    code, output = _start_and_signal(data_dir, out, signal.SIGTERM, "--workers", "2", wrapper=("timeout", "600"))
+    assert "interrupted by SIGTERM: saved" in output and "exiting now" not in output, output[-2000:]
+    assert "Traceback" not in output and "ConnectionResetError" not in output
+    assert torch.load(out / "last.pth", weights_only=True)["partial"]["epoch"] == 1
+    _resume_and_compare(data_dir, out, reference)
 
 
 def test_kill_9_keeps_a_complete_checkpoint_and_resumes(data_dir, tmp_path, reference):
