@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 import common
 import engine
-from distributed import init_distributed, log, main_process_first
 import fileio
+from distributed import init_distributed, log, main_process_first
 
 
 def add_teacher_args(parser):
@@ -106,6 +106,36 @@ def batch_teacher_logits(batch, teacher, teacher_dtype):
         return teacher(batch["image"].contiguous(memory_format=torch.channels_last)).float()
 
 
+TEACHER_STRIDE = 8  # FCN-ResNet50's output stride
+
+
+def native_logits(batch, student_native, teacher, teacher_dtype):
+    """(student, teacher) logits at the teacher's own output stride 8, where CWD and DIST compare them (64x fewer
+    positions than the input size): the student's stride-16 logits upsampled 2x, and the teacher's, run live on the
+    batch (upsample=False) or read from the cache at the centre of each stride-8 cell of the augmentation grid."""
+    if teacher is None:
+        teacher_logits = cached_teacher_logits(batch, cell_grid(batch["grid"]))
+    else:
+        with torch.no_grad(), engine.autocast(batch["image"].device, teacher_dtype):
+            x = batch["image"].contiguous(memory_format=torch.channels_last)
+            teacher_logits = teacher(x, upsample=False).float()
+    student = F.interpolate(student_native.float(), size=teacher_logits.shape[-2:], mode="bilinear",
+                            align_corners=False)
+    return student, teacher_logits
+
+
+def cell_grid(grid, stride=TEACHER_STRIDE):
+    """The sampling grid (B, S, S, 2) at the centres of its stride x stride cells (B, S/stride, S/stride, 2): the mean
+    of each cell's grid points, exact since an augmentation grid is affine in the pixel position."""
+    cells = F.avg_pool2d(grid.permute(0, 3, 1, 2), stride, ceil_mode=True)
+    return cells.permute(0, 2, 3, 1)
+
+
+def cell_labels(mask, size):
+    """The label at each cell centre (nearest), so 255 pixels (boundaries, crop padding) can be left out at stride 8."""
+    return F.interpolate(mask[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
+
+
 def state_fingerprint(module):
     h = hashlib.sha1()
     for k, v in module.state_dict().items():
@@ -185,10 +215,11 @@ class TeacherLogitCache:
         return torch.from_numpy(np.array(self._logits[i]))
 
 
-def cached_teacher_logits(batch):
-    """Cached native-resolution teacher logits resampled with each sample's augmentation grid (B, C, S, S)."""
-    return F.grid_sample(batch["teacher_logits"].float(), batch["grid"], mode="bilinear", padding_mode="border",
-                         align_corners=False)  # border: edges replicate exactly as the live teacher's F.interpolate
+def cached_teacher_logits(batch, grid=None):
+    """Cached native-resolution teacher logits resampled with each sample's augmentation grid (B, C, S, S), or with
+    another grid of the same crop (e.g. its stride-8 cell centres)."""
+    return F.grid_sample(batch["teacher_logits"].float(), batch["grid"] if grid is None else grid, mode="bilinear",
+                         padding_mode="border", align_corners=False)  # border: as the live teacher's F.interpolate
 
 
 @torch.no_grad()

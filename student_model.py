@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import mobilenet_v3_large
 
-# Backbone stages tapped for distillation: index into backbone.features -> (name, channels, stride)
+# Backbone stages tapped for distillation: index into backbone.features -> (name, channels)
 FEATURE_TAPS = {6: ("stage8", 40), 12: ("stage16", 112)}
 
 
@@ -56,7 +56,9 @@ class LightweightDeepLabV3(nn.Module):
                 feats[FEATURE_TAPS[i][0]] = x
         x = self.head(x)
         feats["head"] = x  # pre-classifier features (256 ch, stride 16)
-        logits = upsample_bilinear(self.classifier(x), size)
+        native = self.classifier(x)
+        feats["logits"] = native  # the logits at the network's own stride 16, before upsampling
+        logits = upsample_bilinear(native, size)
         return (logits, feats) if return_features else logits
 
 

@@ -8,12 +8,13 @@ pulled towards the teacher's, plus weighted cross-entropy on the labels.
 
 loss = ce_weight * CE_w(student, labels) + cwd_weight * tau^2 * mean over (n, c) of
        KL(softmax over positions of teacher_c / tau || softmax over positions of student_c / tau).
-Both logit maps are compared at the input size (the student's output and the teacher's, upsampled as each network
-does; the teacher's come from the teacher-logit cache by default). Bilinear upsampling repeats each native position's
-value over its neighbourhood, and a KL between two spatial distributions does not change when every position is
-repeated the same number of times, so this is close to the paper's native-resolution loss and keeps its tau and
-weight; it also lets one cached teacher map serve every crop. Positions outside the image (crop padding) are left out
-of the distributions: the student sees black there, the cached teacher border values.
+Both logit maps are compared at the teacher's native output stride 8, as the paper's code compares logits at their own
+resolution: the student's stride-16 logits upsampled 2x, the teacher's straight from the teacher-logit cache (sampled
+at the centre of each stride-8 cell of the crop) or from the live teacher. At the input size the loss would cost ~64x
+more elementwise work for nearly the same value (bilinear upsampling repeats each position's value over its
+neighbourhood, and a KL between spatial distributions does not change when every position is repeated alike).
+Positions outside the image (crop padding) are left out of the distributions: the student sees black there, the cached
+teacher border values.
 """
 import argparse
 
@@ -69,10 +70,10 @@ def make_compute_loss(criterion, teacher, teacher_dtype, tau, ce_weight, cwd_wei
     """compute_loss(net, batch) -> (loss, {term: value}) of CWD; teacher=None reads the batch's cached teacher logits,
     else the teacher runs live on the augmented batch."""
     def compute_loss(net, batch):
-        logits = net(batch["image"])
-        teacher_logits = distill.batch_teacher_logits(batch, teacher, teacher_dtype)
+        logits, feats = net(batch["image"], return_features=True)
+        student, teacher_logits = distill.native_logits(batch, feats["logits"], teacher, teacher_dtype)
         ce = criterion(logits, batch["mask"])
-        cwd = cwd_loss(logits, teacher_logits, tau, valid=~common.outside_image(batch["grid"]))
+        cwd = cwd_loss(student, teacher_logits, tau, valid=~common.outside_image(distill.cell_grid(batch["grid"])))
         return ce_weight * ce + cwd_weight * cwd, {"ce": ce, "cwd": cwd}
     return compute_loss
 

@@ -6,8 +6,9 @@ across pixels for each class (intra-class), plus weighted cross-entropy on the l
     python train_dist.py --toy --no-pretrained --teacher-weights checkpoints/toy_teacher/best.pth
     python train_dist.py --toy --no-pretrained --teacher-weights T.pth --no-teacher-cache        # live teacher
 
-loss = ce_weight * CE_w(student, labels) + tau^2 * (beta * inter + gamma * intra), over the pixels whose label is not
-255, at the input size (the teacher's logits from the teacher-logit cache by default).
+loss = ce_weight * CE_w(student, labels) + tau^2 * (beta * inter + gamma * intra), over the positions whose label is
+not 255, at the teacher's native output stride 8 (as train_cwd.py: the student's stride-16 logits upsampled 2x, the
+teacher's from the teacher-logit cache by default or run live; each position's label is the one at its centre).
 
 Under torchrun each process computes the intra-class term on its own share of the batch, as the authors' per-GPU
 code does: DDP then averages the processes' gradients, so the loss is the mean of per-process DIST losses, not DIST of
@@ -69,10 +70,10 @@ def make_compute_loss(criterion, teacher, teacher_dtype, tau, beta, gamma, ce_we
     """compute_loss(net, batch) -> (loss, {term: value}) of DIST; teacher=None reads the batch's cached teacher
     logits, else the teacher runs live on the augmented batch."""
     def compute_loss(net, batch):
-        logits = net(batch["image"])
-        teacher_logits = distill.batch_teacher_logits(batch, teacher, teacher_dtype)
+        logits, feats = net(batch["image"], return_features=True)
+        student, teacher_logits = distill.native_logits(batch, feats["logits"], teacher, teacher_dtype)
         ce = criterion(logits, batch["mask"])
-        inter, intra = dist_terms(logits, teacher_logits, batch["mask"], tau)
+        inter, intra = dist_terms(student, teacher_logits, distill.cell_labels(batch["mask"], student.shape[-2:]), tau)
         dist = tau ** 2 * (beta * inter + gamma * intra)
         return ce_weight * ce + dist, {"ce": ce, "dist_inter": inter, "dist_intra": intra}
     return compute_loss

@@ -23,6 +23,30 @@ def user_cache_dir(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = old
 
 
+def live_children(pid):
+    """Processes whose parent is pid and that are still running (zombies waiting to be reaped do not count)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            except OSError:  # gone meanwhile
+                continue
+            if int(ppid) == pid and state not in ("Z", "X"):
+                found.append(int(entry))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """After the whole suite: no process a test started (a script, a loader worker, torchrun) is still running."""
+    yield
+    if os.path.isdir("/proc"):
+        left = live_children(os.getpid())
+        assert not left, f"processes left behind by the tests: {left}"
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A data dir holding the generated toy set (made once per test session)."""

@@ -1,6 +1,7 @@
 """CWD and DIST: each loss against an independent float64 loop, the properties that matter (zero when student ==
 teacher, growth with the difference, 255 pixels ignored), gradients only into the student, and DIST's per-process
 intra-class term under DistributedDataParallel."""
+import os
 import subprocess
 import sys
 
@@ -122,16 +123,31 @@ def test_gradients_reach_the_student_only(module):
     assert all(p.grad is None for p in teacher.parameters())
 
 
+class TinySegmenter(torch.nn.Module):
+    """A conv at stride 2 as a segmentation network: returns upsampled logits and, with return_features, its native
+    ones (as the student does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3, stride=2, padding=1)
+
+    def forward(self, x, return_features=False):
+        native = self.conv(x)
+        logits = torch.nn.functional.interpolate(native, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return (logits, {"logits": native}) if return_features else logits
+
+
 DDP_DIST_STEP = """
 import os, sys
 sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
 import torch, torch.distributed as dist
-import train_dist
+import test_methods, train_dist
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 batch = torch.load({batch!r})
 torch.manual_seed(0)
-net = torch.nn.Conv2d(3, 5, 3, padding=1)
+net = test_methods.TinySegmenter()
 ddp = torch.nn.parallel.DistributedDataParallel(net)
 share = {{k: v[rank::2] for k, v in batch.items()}}  # rank r's share of the batch, as make_loader splits it
 compute_loss = train_dist.make_compute_loss(torch.nn.CrossEntropyLoss(ignore_index=255), None, "fp32",
@@ -139,7 +155,7 @@ compute_loss = train_dist.make_compute_loss(torch.nn.CrossEntropyLoss(ignore_ind
 loss, _ = compute_loss(ddp, share)
 loss.backward()
 if rank == 0:
-    torch.save(net.weight.grad, {out!r})
+    torch.save(net.conv.weight.grad, {out!r})
 dist.barrier()  # neither process leaves while the other still talks to it (as engine.train ends)
 """
 
@@ -149,13 +165,14 @@ def test_dist_under_ddp_is_the_mean_of_per_process_losses(tmp_path):
     gradients. Checked against that definition computed in one process, and shown to differ from DIST of the whole
     batch, whose intra-class correlation spans both shares."""
     g = torch.Generator().manual_seed(3)
-    batch = {"image": torch.randn(4, 3, 8, 8, generator=g), "mask": torch.randint(0, 5, (4, 8, 8), generator=g),
+    batch = {"image": torch.randn(4, 3, 32, 32, generator=g), "mask": torch.randint(0, 5, (4, 32, 32), generator=g),
              "teacher_logits": torch.randn(4, 5, 4, 4, generator=g) * 3,
-             "grid": torch.stack([common.sample_grid(8, 8, 8)] * 4)}
-    batch["mask"][0, :2] = 255
+             "grid": torch.stack([common.sample_grid(32, 32, 32)] * 4)}
+    batch["mask"][0, :12] = 255
     torch.save(batch, tmp_path / "batch.pt")
     script = tmp_path / "step.py"
-    script.write_text(DDP_DIST_STEP.format(repo=REPO, batch=str(tmp_path / "batch.pt"), out=str(tmp_path / "grad.pt")))
+    script.write_text(DDP_DIST_STEP.format(repo=REPO, tests=os.path.dirname(__file__), batch=str(tmp_path / "batch.pt"),
+                                           out=str(tmp_path / "grad.pt")))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=180, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -163,11 +180,11 @@ def test_dist_under_ddp_is_the_mean_of_per_process_losses(tmp_path):
 
     def grad_of(part):
         torch.manual_seed(0)
-        net = torch.nn.Conv2d(3, 5, 3, padding=1)
+        net = TinySegmenter()
         compute_loss = train_dist.make_compute_loss(torch.nn.CrossEntropyLoss(ignore_index=255), None, "fp32", 1.0,
                                                     1.0, 1.0, 0.0)
         compute_loss(net, part)[0].backward()
-        return net.weight.grad
+        return net.conv.weight.grad
     shares = [{k: v[r::2] for k, v in batch.items()} for r in (0, 1)]
     per_process = (grad_of(shares[0]) + grad_of(shares[1])) / 2
     torch.testing.assert_close(ddp_grad, per_process, rtol=1e-5, atol=1e-7)
