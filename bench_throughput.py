@@ -46,8 +46,7 @@ def strategy_list(text):
 def get_args_parser():
     parser = argparse.ArgumentParser(
         description="Training throughput of each strategy, the cache build and the loader.")
-    flags.add_data_args(parser)
-    parser.set_defaults(image_size=256)
+    flags.add_data_args(parser, "deployment")  # the real recipe's size, also on the toy set
     parser.add_argument("--batch-size", type=flags.positive_int, default=16, help="batch size (default: %(default)s)")
     parser.add_argument("--steps", type=flags.positive_int, default=20,
                         help="timed training steps per strategy, after --warmup (default: %(default)s)")
@@ -177,8 +176,10 @@ def main(args):
 
 def bench_config(device, data, batch_size, precision, channels_last):
     """A TrainConfig for timing steps: no sync points inside the timed steps but the last."""
-    return engine.TrainConfig("bench", device, data, "", None, 1, batch_size, 1e-4, 0.0, 0.5, 5, 1, precision, 1,
-                              channels_last, False, False, 10 ** 9, {})
+    return engine.TrainConfig(strategy="bench", device=device, data=data, out_dir="", resume=None, epochs=1,
+                              batch_size=batch_size, lr=1e-4, weight_decay=0.0, lr_factor=0.5, lr_patience=5,
+                              save_every=1, precision=precision, accumulate=1, channels_last=channels_last,
+                              sync_bn=False, skip_nonfinite=False, log_every=10 ** 9, flags={})
 
 
 def describe(device):

@@ -3,7 +3,7 @@ students (with --all also feature KD) on the same data for several seeds, and re
 mean +- std over the seeds, the teacher as the reference. With --live-kd, also response KD with the live teacher on
 the same seeds and the teacher-logit cache's fidelity under augmentation.
 
-    python demo.py                       # ~10 min on 2 CPU cores; results in checkpoints/demo/
+    python demo.py                       # ~11 min on 2 CPU cores; results in checkpoints/demo/
     python demo.py --all                 # then: + feature KD (live teacher, ~3 min more)
     python demo.py --live-kd             # then: + response KD with the live teacher, cache fidelity (~3 min more)
     python demo.py --real --data-dir ./data --image-size 256 --epochs 50 --teacher-epochs 0 --pretrained
@@ -20,9 +20,9 @@ import torch
 
 import common
 import distill
-import engine
 import fileio
 import flags
+import plots
 import train_baseline
 import train_cwd
 import train_dist
@@ -32,8 +32,6 @@ import train_response_kd
 STRATEGIES = {"baseline": (train_baseline, []), "response-kd": (train_response_kd, []), "cwd": (train_cwd, []),
               "dist": (train_dist, []), "feature-kd": (train_feature_kd, []),
               "response-kd-live": (train_response_kd, ["--no-teacher-cache"])}
-# feature KD runs its teacher live (2x a baseline epoch): --all adds it, so that the default demo keeps to ~10 min
-OPTIONAL = {"feature-kd": "all", "response-kd-live": "live_kd"}
 
 
 def get_args_parser():
@@ -63,7 +61,7 @@ def get_args_parser():
     return parser
 
 
-def run(module, run_dir, argv):
+def run_script(module, run_dir, argv):
     """Run one training script in-process; continue it if run_dir already holds a checkpoint."""
     resume = ["--resume"] if os.path.isfile(os.path.join(run_dir, "last.pth")) else []
     module.main(module.get_args_parser().parse_args(argv + ["--out-dir", run_dir] + resume))
@@ -72,8 +70,8 @@ def run(module, run_dir, argv):
 def summarise(label, run_dirs):
     """One table row: final val mIoU / pixel acc as mean +- std over the runs (one per seed), epochs, epoch time."""
     histories = [json.load(open(os.path.join(d, "history.json"))) for d in run_dirs]
-    final = [100 * h[-1]["val_miou"] for h in histories]
-    acc = [100 * h[-1]["val_pixel_acc"] for h in histories]
+    final = [h[-1]["val_miou"] for h in histories]
+    acc = [h[-1]["val_pixel_acc"] for h in histories]
     model = common.load_model(os.path.join(run_dirs[0], "best.pth")).model
     return {"model": label, "params_m": common.count_params(model) / 1e6, "seeds": len(run_dirs),
             "miou": statistics.mean(final), "miou_std": statistics.stdev(final) if len(final) > 1 else 0.0,
@@ -92,7 +90,7 @@ def write_results(rows, out_dir):
         f.write("\n".join(table) + "\n")
     fileio.write_json(os.path.join(out_dir, "results.json"),
                       [{k: v for k, v in r.items() if k != "histories"} for r in rows])
-    engine.plot_runs_miou({f"{r['model']} (seed {i})" if r["seeds"] > 1 else r["model"]: h
+    plots.plot_runs_miou({f"{r['model']} (seed {i})" if r["seeds"] > 1 else r["model"]: h
                            for r in rows for i, h in enumerate(r["histories"])},
                           os.path.join(out_dir, "miou_all.png"))
     plot_summary(rows, os.path.join(out_dir, "summary.png"))
@@ -155,16 +153,18 @@ def main(args):
     runs, teacher_flag = {}, []
     if args.teacher_epochs > 0:
         runs["teacher"] = [os.path.join(args.out_dir, "teacher")]
-        run(train_baseline, runs["teacher"][0], shared + ["--model", "teacher", "--epochs", str(args.teacher_epochs),
-                                                          "--seed", "0"])
+        run_script(train_baseline, runs["teacher"][0],
+                   shared + ["--model", "teacher", "--epochs", str(args.teacher_epochs), "--seed", "0"])
         teacher_flag = ["--teacher-weights", os.path.join(runs["teacher"][0], "best.pth")]
-    names = [n for n in STRATEGIES if n not in OPTIONAL or getattr(args, OPTIONAL[n])]
+    # feature KD runs its teacher live (2x a baseline epoch): --all adds it, so that the default demo keeps to ~10 min
+    optional = {"feature-kd": args.all, "response-kd-live": args.live_kd}
+    names = [n for n in STRATEGIES if optional.get(n, True)]
     for name in names:
         module, extra = STRATEGIES[name]
         runs[name] = [os.path.join(args.out_dir, f"{name}_seed{seed}") for seed in seeds]
         for seed, run_dir in zip(seeds, runs[name]):
-            run(module, run_dir, shared + ["--epochs", str(args.epochs), "--seed", str(seed)] + extra
-                + ([] if module is train_baseline else teacher_flag))
+            run_script(module, run_dir, shared + ["--epochs", str(args.epochs), "--seed", str(seed)] + extra
+                       + ([] if module is train_baseline else teacher_flag))
     rows = [summarise(name, dirs) for name, dirs in runs.items()]
     write_results(rows, args.out_dir)
     if args.live_kd and args.teacher_epochs > 0:  # the cache-vs-live study: the cache's fidelity beside the students

@@ -3,6 +3,7 @@
 The cache holds the teacher's stride-8 logits of every training image (resized to --image-size, no augmentation);
 at train time each sample's augmentation grid resamples them, so the soft targets follow the crop/scale/flip.
 """
+import dataclasses
 import hashlib
 import os
 import time
@@ -16,7 +17,7 @@ from tqdm import tqdm
 import common
 import engine
 import fileio
-from distributed import init_distributed, log, main_process_first
+from distributed import log, main_process_first
 
 
 def add_teacher_args(parser):
@@ -72,9 +73,10 @@ class DistillationRun(typing.NamedTuple):
 def setup_distillation(args, strategy):
     """The start both KD scripts share: device, the teacher's precision, the run's config, the teacher and the student
     (their weights before any slow data work), the datasets and the class-weighted CE."""
-    device = init_distributed(args.device)
-    teacher_dtype = resolve_teacher_dtype(args.teacher_dtype, device)
-    cfg = engine.setup(args, strategy, teacher_dtype=teacher_dtype)
+    cfg = engine.setup(args, strategy)
+    teacher_dtype = resolve_teacher_dtype(args.teacher_dtype, cfg.device)
+    cfg = dataclasses.replace(cfg, flags=dict(cfg.flags, teacher_dtype=teacher_dtype))  # recorded with the flags
+    device = cfg.device
     teacher = build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
     student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)
     engine.load_initial_weights(student, args.init_weights)
@@ -227,6 +229,13 @@ def cache_fidelity(teacher, dataset, cache, device, precision, batch_size=8, tem
     """How well the cached, grid-warped logits stand in for the live teacher on augmented training crops: argmax
     agreement over non-ignore pixels and mean KL(p_live || p_cached) per such pixel (softmax at `temperature`)."""
     previous, dataset.teacher_logits = dataset.teacher_logits, cache
+    try:
+        return _fidelity(teacher, dataset, device, precision, batch_size, temperature)
+    finally:
+        dataset.teacher_logits = previous
+
+
+def _fidelity(teacher, dataset, device, precision, batch_size, temperature):
     loader = engine.make_loader(dataset, batch_size, 0, shuffle=True, generator=torch.Generator().manual_seed(0))
     agree = kl = pixels = 0.0
     for batch in loader:
@@ -240,5 +249,4 @@ def cache_fidelity(teacher, dataset, cache, device, precision, batch_size=8, tem
         agree += float(((live.argmax(1) == cached.argmax(1)) & valid).sum())
         kl += float(kl_map[valid].sum())
         pixels += float(valid.sum())
-    dataset.teacher_logits = previous
     return {"argmax_agreement": agree / pixels, "kl_live_cached": kl / pixels, "pixels": int(pixels)}

@@ -3,7 +3,8 @@
 1. set-up (setup()): device and process group, seeds, precision, run folder, --resume path: a frozen TrainConfig;
 2. Adam + ReduceLROnPlateau on val mIoU (+ a GradScaler for fp16), built in train() where you can see them;
 3. --resume: restore_checkpoint() puts back what make_checkpoint() saved, including a half-done epoch (EpochProgress);
-4. per epoch: train_one_epoch() over that epoch's batches (DDP under torchrun), evaluate() on val, scheduler step;
+4. per epoch: train_one_epoch() over that epoch's batches (DDP under torchrun), compute_metrics() on val, scheduler
+   step;
 5. rank 0 writes last.pth / best.pth / epoch_NNN.pth (atomically), history.json, config.json and the plots.
 
 A SIGINT/SIGTERM lets the current batch finish, saves an exact mid-epoch checkpoint and exits; --resume then
@@ -35,6 +36,8 @@ from tqdm import tqdm
 import common
 import fileio
 import flags
+import plots
+import voc
 from distributed import (all_reduce_sum, broadcast_buffers, broadcast_object, init_distributed, is_distributed,
                          is_main, log, rank, world_size)
 
@@ -80,7 +83,7 @@ def add_amp_arg(parser):
 
 def add_training_args(parser, default_epochs=50):
     """Flags of the shared training loop (every train_*.py)."""
-    flags.add_data_args(parser)
+    flags.add_data_args(parser, "training")
     pos_int, pos_float, nonneg_int, nonneg_float = (flags.positive_int, flags.positive_float,
                                                     flags.non_negative_int, flags.non_negative_float)
     parser.add_argument("--epochs", type=pos_int, default=default_epochs, help="epochs (default: %(default)s)")
@@ -148,9 +151,8 @@ class TrainConfig:
     flags: dict  # every flag as resolved: config.json and the checkpoint's "args"
 
 
-def setup(args, strategy, **resolved):
-    """Device (and process group), seeds, precision and run folder of a training run. resolved: more resolved
-    values to record with the flags (e.g. teacher_dtype)."""
+def setup(args, strategy):
+    """Device (and process group), seeds, precision and run folder of a training run."""
     device = init_distributed(args.device)
     data = common.data_config(args)
     precision = resolve_amp(args.amp, device)
@@ -161,10 +163,13 @@ def setup(args, strategy, **resolved):
         fileio.check_output_dir(out_dir, "--out-dir")  # before any slow work; leaves nothing behind
     seed_everything(args.seed)
     recorded = dict(vars(args), strategy=strategy, out_dir=out_dir, resume=resume, amp=precision,
-                 image_size=data.image_size, cache_dir=data.cache_dir, **resolved)
-    return TrainConfig(strategy, device, data, out_dir, resume, args.epochs, args.batch_size, args.lr,
-                       args.weight_decay, args.lr_factor, args.lr_patience, args.save_every, precision,
-                       args.accumulate, args.channels_last, args.sync_bn, args.skip_nonfinite, args.log_every, recorded)
+                    image_size=data.image_size, cache_dir=data.cache_dir)
+    return TrainConfig(strategy=strategy, device=device, data=data, out_dir=out_dir, resume=resume,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                       lr_factor=args.lr_factor, lr_patience=args.lr_patience, save_every=args.save_every,
+                       precision=precision, accumulate=args.accumulate, channels_last=args.channels_last,
+                       sync_bn=args.sync_bn, skip_nonfinite=args.skip_nonfinite, log_every=args.log_every,
+                       flags=recorded)
 
 
 def load_initial_weights(model, path):
@@ -263,13 +268,13 @@ def batches(loader):
     line that names it (not a traceback from inside the worker)."""
     try:
         yield from loader
-    except common.DataProblem as e:
+    except voc.DataProblem as e:
         # a worker's exception arrives as "Caught DataProblem in DataLoader worker ...\n<its traceback>"
         raise SystemExit("error: " + str(e).rstrip().splitlines()[-1].split("DataProblem: ", 1)[-1]) from None
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, num_classes, criterion=None, precision="fp32", on_prediction=None):
+def compute_metrics(model, loader, device, num_classes, criterion=None, precision="fp32", on_prediction=None):
     """Metrics of model over loader (all-reduced under torchrun). Logits are resized to each mask's size (the image's
     original resolution unless --eval-size) before argmax. on_prediction(index, pred uint8 HxW) sees each image."""
     model.eval()
@@ -453,7 +458,7 @@ def make_checkpoint(model, adapters, optimizer, scheduler, scaler, state, cfg, a
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": state.epoch - 1, "best_miou": state.best_miou, "history": state.history,
             "partial": dataclasses.asdict(state.partial) if state.partial is not None else None,
-            "args": cfg.flags, "arch": arch, "num_classes": cfg.data.num_classes,
+            "args": cfg.flags, "arch": arch, "num_classes": cfg.data.num_classes, "metric_unit": "percent",
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(cfg.device) if cfg.device.type == "cuda" else None}}
 
@@ -461,7 +466,8 @@ def make_checkpoint(model, adapters, optimizer, scheduler, scaler, state, cfg, a
 def weights_checkpoint(ckpt):
     """best.pth / epoch_NNN.pth: the deployable weights and what describes them, without the optimizer state
     (a student's is 2x its weights, a teacher's 2x 130 MB); only last.pth keeps everything for --resume."""
-    return {k: ckpt[k] for k in ("model", "epoch", "best_miou", "history", "args", "arch", "num_classes")}
+    return {k: ckpt[k] for k in ("model", "epoch", "best_miou", "history", "args", "arch", "num_classes",
+                                 "metric_unit")}
 
 
 # flags that do not change the experiment (how it runs, not what it computes) may differ on --resume
@@ -504,11 +510,23 @@ def restore_checkpoint(path, model, adapters, optimizer, scheduler, scaler, cfg,
     partial = EpochProgress(**ckpt["partial"]) if ckpt.get("partial") else None
     if partial is not None and not is_main():  # the saved sums are rank 0's; each rank adds its own from here
         partial = dataclasses.replace(partial, totals={}, images=0, wait=0.0)
-    state = RunState(ckpt["epoch"] + 1, ckpt["best_miou"], ckpt["history"], partial)
-    best = "none yet" if state.best_miou is None else f"{100 * state.best_miou:.2f}"
+    state = RunState(ckpt["epoch"] + 1, *history_in_percent(ckpt), partial)
+    best = "none yet" if state.best_miou is None else f"{state.best_miou:.2f}"
     log(f"resumed {path} at epoch {state.epoch}" + (f" batch {partial.step}" if partial else "")
         + f" (best mIoU {best})")
     return state
+
+
+PERCENT_KEYS = ("val_miou", "val_pixel_acc", "val_mean_class_acc")
+
+
+def history_in_percent(ckpt):
+    """(best_miou, history) of a checkpoint in percent: checkpoints written before every figure became a percentage
+    (no "metric_unit") hold fractions, converted here so that a resumed run's history stays in one unit."""
+    if ckpt.get("metric_unit") == "percent":
+        return ckpt["best_miou"], ckpt["history"]
+    history = [{k: 100 * v if k in PERCENT_KEYS else v for k, v in record.items()} for record in ckpt["history"]]
+    return (None if ckpt["best_miou"] is None else 100 * ckpt["best_miou"]), history
 
 
 def save_checkpoint(obj, path):
@@ -569,7 +587,7 @@ def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
                 state.partial = progress  # stopped inside the epoch: save exactly where we are
                 finish_interrupted(save, state, cfg, arch, stop, f"at epoch {epoch} batch {progress.step}")
             broadcast_buffers(model)
-            metrics = evaluate(model, val_loader, cfg.device, cfg.data.num_classes, criterion, cfg.precision)
+            metrics = compute_metrics(model, val_loader, cfg.device, cfg.data.num_classes, criterion, cfg.precision)
             check_not_diverged(model, metrics, epoch, cfg.out_dir)
             scheduler.step(metrics["miou"])
             record = {"epoch": epoch, **epoch_stats(progress, cfg.device), "val_loss": metrics["loss"],
@@ -580,7 +598,7 @@ def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
                 end_epoch(save, state, record, cfg, arch)
             if stop.agreed or (stop.signal and not is_distributed()):
                 finish_interrupted(save, state, cfg, arch, stop, f"after epoch {epoch}", saved=True)
-    best = "none" if state.best_miou is None else f"{100 * state.best_miou:.2f}"
+    best = "none" if state.best_miou is None else f"{state.best_miou:.2f}"
     log(f"done: best val mIoU {best} -> {os.path.join(cfg.out_dir, 'best.pth')}")
     if is_distributed():
         torch.distributed.barrier()  # nobody leaves before rank 0 has written the last files
@@ -679,7 +697,7 @@ def end_epoch(save, state, record, cfg, arch):
         save_checkpoint(weights_checkpoint(ckpt), os.path.join(cfg.out_dir, "best.pth"))
     fileio.write_json(os.path.join(cfg.out_dir, "history.json"), state.history)
     with open(os.path.join(cfg.out_dir, "history.json")) as f:
-        plot_history(json.load(f), cfg.out_dir)
+        plots.plot_history(json.load(f), cfg.out_dir)
     print(format_epoch(record), flush=True)
 
 
@@ -696,7 +714,7 @@ def finish_interrupted(save, state, cfg, arch, stop, where, saved=False):
 def format_epoch(rec):
     parts = " ".join(f"{k[len('train_loss_'):]} {v:.4f}" for k, v in rec.items() if k.startswith("train_loss_"))
     return (f"epoch {rec['epoch']:3d} | train loss {rec['train_loss']:.4f} ({parts}) | val loss {rec['val_loss']:.4f} "
-            f"mIoU {100 * rec['val_miou']:.2f} pixel acc {100 * rec['val_pixel_acc']:.2f} | lr {rec['lr']:.2e} | "
+            f"mIoU {rec['val_miou']:.2f} pixel acc {rec['val_pixel_acc']:.2f} | lr {rec['lr']:.2e} | "
             f"{rec['epoch_s']:.1f}s {rec['train_img_s']:.1f} img/s data wait {100 * rec['data_wait_frac']:.0f}%")
 
 
@@ -746,50 +764,3 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots, always drawn from history.json
-# ---------------------------------------------------------------------------------------------
-
-def plot_history(history, out_dir):
-    """loss.png and miou.png of a run, drawn from its history (as written to history.json)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
-    for key in sorted(history[-1]):
-        if key.startswith("train_loss_"):
-            ax.plot(epochs, [h[key] for h in history], ".--", label=key.replace("train_loss_", "train: "))
-    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="val loss (weighted CE)")
-    finish_plot(fig, ax, "loss", "Loss", os.path.join(out_dir, "loss.png"))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [100 * h["val_miou"] for h in history], "o-", label="val mIoU")
-    ax.plot(epochs, [100 * h["val_pixel_acc"] for h in history], "s--", label="val pixel acc")
-    finish_plot(fig, ax, "%", "Validation", os.path.join(out_dir, "miou.png"))
-
-
-def plot_runs_miou(histories, path):
-    """Val mIoU per epoch of several runs ({label: history}) in one chart."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, history in histories.items():
-        ax.plot([h["epoch"] for h in history], [100 * h["val_miou"] for h in history], "o-", label=label)
-    finish_plot(fig, ax, "val mIoU (%)", "Validation mIoU per run", path, legend_size=7)
-
-
-def finish_plot(fig, ax, ylabel, title, path, legend_size=None):
-    """Integer epoch ticks, grid, legend; save and close."""
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

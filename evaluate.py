@@ -21,6 +21,8 @@ import common
 import engine
 import fileio
 import flags
+import plots
+import voc
 from distributed import gather_dict, init_distributed, is_main
 
 
@@ -33,7 +35,7 @@ def get_args_parser():
     parser.add_argument("--comparison", default="checkpoints/comparison", metavar="DIR",
                         help="where a comparison of several models goes: comparison.md/.csv, miou_vs_epoch.png, "
                              "side_by_side.png (default: %(default)s)")
-    flags.add_data_args(parser)
+    flags.add_data_args(parser, "checkpoint")
     parser.add_argument("--split", default="val", help="ImageSets/Segmentation list to evaluate (default: %(default)s)")
     parser.add_argument("--batch-size", type=flags.positive_int, default=8, help="batch size (default: %(default)s)")
     engine.add_amp_arg(parser)
@@ -88,7 +90,7 @@ def select_worst_best(scores, n):
 
 
 def colorize(mask):
-    palette = np.array(common.voc_palette(), dtype=np.uint8).reshape(256, 3)
+    palette = np.array(voc.voc_palette(), dtype=np.uint8).reshape(256, 3)
     return palette[np.asarray(mask)]
 
 
@@ -109,7 +111,7 @@ def save_panel(image, mask, pred, names, title, path):
         ax.set_title(label, fontsize=9)
         ax.axis("off")
     present = sorted(set(np.unique(mask).tolist()) | set(np.unique(pred).tolist()) - {common.IGNORE_INDEX})
-    palette = np.array(common.voc_palette()).reshape(256, 3) / 255
+    palette = np.array(voc.voc_palette()).reshape(256, 3) / 255
     fig.legend(handles=[Patch(color=palette[c], label=names[c]) for c in present if c < len(names)],
                loc="lower center", ncol=min(len(present), 8), fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -145,7 +147,7 @@ def save_visualisations(model, dataset, scores, names, device, out_dir, n):
             image = image.astype(np.uint8).transpose(1, 2, 0)
         image_id = dataset.cache.ids[dataset.indices[k]]
         path = os.path.join(out_dir, f"{rank:02d}_{image_id}.png")
-        save_panel(np.asarray(image), mask, pred, names, f"{image_id}: image mIoU {100 * scores[k]:.1f}", path)
+        save_panel(np.asarray(image), mask, pred, names, f"{image_id}: image mIoU {scores[k]:.1f}", path)
         written.append(path)
     return written
 
@@ -187,7 +189,7 @@ def write_html_assets(out_dir, image_id, image, mask, pred):
 def write_html(out_dir, rows, title, summary, height=120):
     """DIR/index.html: one table row per (image id, image mIoU), images referenced relatively."""
     body = "\n".join(
-        f'<tr><td>{html.escape(i)}</td><td>{100 * m:.2f}</td><td><img src="img/{i}.jpg"></td>'
+        f'<tr><td>{html.escape(i)}</td><td>{m:.2f}</td><td><img src="img/{i}.jpg"></td>'
         f'<td><img src="img/{i}_gt.png"></td><td><img src="img/{i}_pred.png"></td></tr>' for i, m in rows)
     with open(os.path.join(out_dir, "index.html"), "w") as f:
         f.write(HTML_TEMPLATE.format(title=html.escape(title), summary=html.escape(summary), rows=body, h=height))
@@ -225,7 +227,7 @@ def make_browser(dataset, predictions, scores, names):
             ax.imshow(img)
             ax.set_title(label)
             ax.axis("off")
-        fig.suptitle(f"{k + 1}/{len(dataset)} {dataset.cache.ids[dataset.indices[k]]}: image mIoU {100 * scores[k]:.1f}"
+        fig.suptitle(f"{k + 1}/{len(dataset)} {dataset.cache.ids[dataset.indices[k]]}: image mIoU {scores[k]:.1f}"
                      "   [left/right, w: worst, o: overlay]")
         fig.canvas.draw_idle()
 
@@ -251,8 +253,8 @@ def plot_analysis(metrics, names, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     pairs = sorted(((iou, n) for n, iou in zip(names, metrics["iou_per_class"]) if not math.isnan(iou)), reverse=True)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.bar([n for _, n in pairs], [100 * v for v, _ in pairs], color="tab:blue")
-    ax.axhline(100 * metrics["miou"], color="tab:red", linestyle="--", label=f"mIoU {100 * metrics['miou']:.1f}")
+    ax.bar([n for _, n in pairs], [v for v, _ in pairs], color="tab:blue")
+    ax.axhline(metrics["miou"], color="tab:red", linestyle="--", label=f"mIoU {metrics['miou']:.1f}")
     ax.set(ylabel="IoU (%)", title="Per-class IoU", ylim=(0, 100))
     ax.tick_params(axis="x", rotation=60)
     ax.legend()
@@ -316,10 +318,10 @@ def write_comparison(results, out_dir, n_images):
     rows = []
     for r in results:
         timing = run_timing(r["weights"])
-        rows.append([r["weights"], r["strategy"], r["params"], round(100 * r["metrics"]["miou"], 2),
-                     round(100 * r["metrics"]["pixel_acc"], 2),
+        rows.append([r["weights"], r["strategy"], r["params"], round(r["metrics"]["miou"], 2),
+                     round(r["metrics"]["pixel_acc"], 2),
                      "" if timing is None else f"{timing[1]:.2f} ({timing[0]})"]
-                    + ["" if math.isnan(v) else round(100 * v, 2) for v in r["metrics"]["iou_per_class"]])
+                    + ["" if math.isnan(v) else round(v, 2) for v in r["metrics"]["iou_per_class"]])
     with open(os.path.join(out_dir, "comparison.csv"), "w", newline="") as f:
         csv.writer(f).writerows([header] + rows)
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
@@ -332,7 +334,7 @@ def write_comparison(results, out_dir, n_images):
             with open(path) as f:
                 histories[r["weights"]] = json.load(f)
     if histories:
-        engine.plot_runs_miou(histories, os.path.join(out_dir, "miou_vs_epoch.png"))
+        plots.plot_runs_miou(histories, os.path.join(out_dir, "miou_vs_epoch.png"))
     first = results[0]
     picks = select_worst_best(first["scores"], n_images)
     import matplotlib
@@ -346,7 +348,7 @@ def write_comparison(results, out_dir, n_images):
         panels = [(np.asarray(image), "image"), (colorize(mask), "ground truth")]
         for r in results:
             pred = predict_image(r["model"], r["dataset"], k, r["device"])
-            panels.append((colorize(pred), f"{r['strategy']} ({100 * image_miou(mask, pred, len(names)):.0f})"))
+            panels.append((colorize(pred), f"{r['strategy']} ({image_miou(mask, pred, len(names)):.0f})"))
         for ax, (img, title) in zip(axes[row], panels):
             ax.imshow(img)
             ax.set_title(title, fontsize=7)
@@ -365,7 +367,7 @@ def load_for_evaluation(args, weights):
     trained = loaded.checkpoint.get("args", {})
     if args.num_classes != loaded.num_classes and args.num_classes != len(common.VOC_CLASSES):
         raise SystemExit(f"error: --num-classes {args.num_classes} but {weights} predicts {loaded.num_classes} classes")
-    data = common.data_config(args, default_image_size=trained.get("image_size"))
+    data = common.data_config(args, trained_image_size=trained.get("image_size"))
     data = dataclasses.replace(data, num_classes=loaded.num_classes)
     device = init_distributed(args.device)
     return loaded, data, device
@@ -388,13 +390,13 @@ def evaluate_weights(args, weights, per_image=False):
         if args.browse:
             predictions[k] = pred
         if args.save_predictions:
-            common.save_mask_png(pred, os.path.join(args.save_predictions, dataset.cache.ids[k] + ".png"))
+            voc.save_mask_png(pred, os.path.join(args.save_predictions, dataset.cache.ids[k] + ".png"))
 
     if args.save_predictions:
         os.makedirs(args.save_predictions, exist_ok=True)
     model = loaded.model.to(device)
-    metrics = engine.evaluate(model, loader, device, loaded.num_classes, precision=engine.resolve_amp(args.amp, device),
-                              on_prediction=on_prediction)
+    metrics = engine.compute_metrics(model, loader, device, loaded.num_classes,
+                                     precision=engine.resolve_amp(args.amp, device), on_prediction=on_prediction)
     names = class_names(loaded.num_classes)
     scores = gather_dict(scores)  # under torchrun each process scored its share of the images
     ordered = [scores[k] for k in range(len(dataset))] if per_image else None
@@ -414,12 +416,12 @@ def report(args, weights, loaded, data, metrics, names, precision):
           f"metrics at {'original resolution' if not data.eval_size else f'{data.eval_size}px'}")
     print(f"{'class':>14s}  IoU")
     for name, iou in zip(names, metrics["iou_per_class"]):
-        print(f"{name:>14s}  {'  n/a' if math.isnan(iou) else f'{100 * iou:5.1f}'}")
+        print(f"{name:>14s}  {'  n/a' if math.isnan(iou) else f'{iou:5.1f}'}")
     print("most confused (ground truth -> predicted: share of its pixels):")
     for true, pred, frac, pixels in most_confused_pairs(metrics["confusion"], names):
         print(f"  {true:>14s} -> {pred:<14s} {100 * frac:5.1f}%  ({pixels} px)")
-    print(f"mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['pixel_acc']:.2f}  "
-          f"mean class acc {100 * metrics['mean_class_acc']:.2f}")
+    print(f"mIoU {metrics['miou']:.2f}  pixel acc {metrics['pixel_acc']:.2f}  "
+          f"mean class acc {metrics['mean_class_acc']:.2f}")
     if args.json:
         fileio.write_json(args.json, {
             "weights": weights, "arch": loaded.arch, "split": args.split, "image_size": data.image_size,
@@ -443,7 +445,7 @@ def write_outputs(args, weights, loaded, model, dataset, metrics, names, ordered
     if args.html:
         write_html(args.html, [(dataset.cache.ids[k], ordered[k]) for k in range(len(dataset))],
                    f"{loaded.arch}: {weights}", f"{args.split}: {metrics['num_images']} images, mIoU "
-                   f"{100 * metrics['miou']:.2f}, pixel acc {100 * metrics['pixel_acc']:.2f}.")
+                   f"{metrics['miou']:.2f}, pixel acc {metrics['pixel_acc']:.2f}.")
         print(f"wrote {os.path.join(args.html, 'index.html')}")
     if args.browse:
         browse(dataset, predictions, ordered, names)

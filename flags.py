@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 
-from common import VOC_CLASSES
+from voc import VOC_CLASSES
 
 
 def checked(convert, ok, requirement):
@@ -27,9 +27,29 @@ non_negative_float = checked(float, lambda v: 0 <= v < math.inf, "a finite numbe
 fraction = checked(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
 image_size = checked(int, lambda v: v >= 16, ">= 16 (the networks downsample by 16)")
 
+# --image-size when it is not given, by what a script does with the images: the one place these defaults live
+REAL_IMAGE_SIZE, TOY_IMAGE_SIZE = 256, 128
+IMAGE_SIZE_RULES = {
+    "training": f"{REAL_IMAGE_SIZE}; {TOY_IMAGE_SIZE} with --toy",
+    "checkpoint": f"the size the checkpoint was trained at; else {REAL_IMAGE_SIZE} ({TOY_IMAGE_SIZE} with --toy)",
+    "deployment": f"{REAL_IMAGE_SIZE}, the size the student is deployed at, also with --toy",
+}
 
-def add_data_args(parser):
-    """Flags that say which data to read (every script that touches data)."""
+
+def default_image_size(rule, toy, trained=None):
+    """--image-size when not given, by the script's rule (IMAGE_SIZE_RULES); trained: a checkpoint's training size."""
+    if rule == "deployment":
+        return REAL_IMAGE_SIZE
+    if rule == "checkpoint" and trained:
+        return trained
+    return TOY_IMAGE_SIZE if toy else REAL_IMAGE_SIZE
+
+
+def add_data_args(parser, image_size_rule):
+    """Flags that say which data to read (every script that touches data); image_size_rule: how --image-size defaults
+    in this script (a key of IMAGE_SIZE_RULES), recorded for data_config() with the defaults of the training-only data
+    flags (a training script's own --limit-train and --train-set replace them)."""
+    parser.set_defaults(image_size_rule=image_size_rule, limit_train=None, train_set="train")
     parser.add_argument("--data-dir", default="./data", help="folder holding VOCdevkit/VOC2012 (downloaded here "
                         "on first use) and, with --toy, the synthetic set (default: %(default)s)")
     parser.add_argument("--toy", action="store_true", help="use the synthetic VOC-format dataset generated under "
@@ -40,7 +60,8 @@ def add_data_args(parser):
     parser.add_argument("--num-classes", type=positive_int, default=len(VOC_CLASSES),
                         help="classes in the masks, background included (default: %(default)s)")
     parser.add_argument("--image-size", type=image_size, default=None,
-                        help="network input size: training crops and validation resize (default: 256; 128 with --toy)")
+                        help=f"network input size: training crops and validation resize (default: "
+                             f"{IMAGE_SIZE_RULES[image_size_rule]})")
     parser.add_argument("--eval-size", type=image_size, default=None, help="compute metrics on masks resized to "
                         "N x N instead of at each image's original resolution (default: original)")
     parser.add_argument("--limit-val", type=positive_int, default=None, help="use only the first N val images")

@@ -7,8 +7,8 @@ import urllib.error
 
 import numpy as np
 
-import common
 import fileio
+import voc
 
 # SBD (Hariharan et al. 2011): 11,355 VOC2011 images with masks as .mat files; with VOC 2012 train and minus VOC 2012
 # val it gives the 10,582-image "trainaug" set published VOC results train on.
@@ -25,7 +25,7 @@ def sbd_root(data_dir, download=True):
         raise SystemExit(f"error: --train-set trainaug needs SBD at {root}; drop --no-download to fetch it")
     from torchvision.datasets.utils import download_and_extract_archive
     old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(common.DOWNLOAD_TIMEOUT_S)
+    socket.setdefaulttimeout(voc.DOWNLOAD_TIMEOUT_S)
     try:
         download_and_extract_archive(SBD_URL, data_dir, filename="benchmark.tgz", md5=SBD_MD5)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
@@ -40,24 +40,24 @@ def trainaug_pairs(voc_root, data_dir, download=True):
     """(id, image, mask) of VOC train + SBD train + SBD val - VOC val. VOC's own masks win where both exist; SBD's
     .mat masks are converted once to palette PNGs under DATA_DIR/SBD_png."""
     root = sbd_root(data_dir, download)
-    voc_val = set(common.read_split_ids(voc_root, "val"))
+    voc_val = set(voc.read_split_ids(voc_root, "val"))
     sbd_ids = set()
     for split in ("train", "val"):
         with open(os.path.join(root, split + ".txt")) as f:
             sbd_ids.update(line.strip() for line in f if line.strip())
-    ids = sorted((set(common.read_split_ids(voc_root, "train")) | sbd_ids) - voc_val)
+    ids = sorted((set(voc.read_split_ids(voc_root, "train")) | sbd_ids) - voc_val)
     png_dir = os.path.join(data_dir, "SBD_png")
     os.makedirs(png_dir, exist_ok=True)
     pairs = []
     for image_id in ids:
-        img_path, mask_path = common.pair_paths(voc_root, image_id)
+        img_path, mask_path = voc.pair_paths(voc_root, image_id)
         if not os.path.isfile(img_path):
             img_path = os.path.join(root, "img", image_id + ".jpg")
         if not os.path.isfile(mask_path):
             mask_path = os.path.join(png_dir, image_id + ".png")
             if not os.path.isfile(mask_path):
                 mat = os.path.join(root, "cls", image_id + ".mat")
-                fileio.atomic_write(mask_path, lambda tmp, mat=mat: common.save_mask_png(read_sbd_mask(mat), tmp))
+                fileio.atomic_write(mask_path, lambda tmp, mat=mat: voc.save_mask_png(read_sbd_mask(mat), tmp))
         pairs.append((image_id, img_path, mask_path))
     return pairs
 

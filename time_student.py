@@ -35,14 +35,14 @@ def main(args):
     else:
         model = common.build_student(args.num_classes, pretrained=False)
     if args.export_onnx:
-        diff = timing.export_onnx(model, args.export_onnx, args.image_size or 256)
+        diff = timing.export_onnx(model, args.export_onnx, common.data_config(args).image_size)
         print(f"wrote {args.export_onnx} (dynamic batch); ONNX Runtime vs PyTorch max |diff| {diff:.1e}")
         return None
     teacher = None
     if args.vs_teacher or args.teacher_weights:
         teacher = (common.load_model(args.teacher_weights, "--teacher-weights", expect_arch="teacher").model
                    if args.teacher_weights else common.build_teacher(model.num_classes, pretrained=False))
-    return timing.run(args, model, "student", teacher)
+    return timing.run(args, model, "student", teacher, args.teacher_runs)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def backend_list(text):
 
 
 def add_timing_args(parser):
-    flags.add_data_args(parser)
+    flags.add_data_args(parser, "deployment")
     parser.add_argument("--backend", type=backend_list, default="eager",
                         help=f"how the model runs: {', '.join(TIMING_BACKENDS)}, a comma-separated list of them, or "
                              f"'all' for every backend side by side (default: %(default)s)")
@@ -182,7 +182,7 @@ def prepare_backends(model, backends, device, x, threads):
 
 
 class _Callable(nn.Module):
-    """Lets evaluate() run any backend function."""
+    """Lets engine.compute_metrics() run any backend function."""
 
     def __init__(self, fn):
         super().__init__()
@@ -192,7 +192,7 @@ class _Callable(nn.Module):
         return self.fn(x)
 
 
-def run(args, model, name, teacher=None):
+def run(args, model, name, teacher=None, teacher_runs=None):
     """What both timing scripts do once their model is built: time it as the flags say, print the table, and write
     the profile, --json and --plot."""
     if args.threads:
@@ -201,13 +201,13 @@ def run(args, model, name, teacher=None):
         if getattr(args, flag):
             fileio.check_output_file(getattr(args, flag), f"--{flag}")
     device = init_distributed(args.device)
-    data = common.data_config(args, default_image_size=256)
+    data = common.data_config(args)
     val_loader = None
     if not args.no_miou:
         val_set = common.build_datasets(data, splits=("val",))["val"]
         val_loader = engine.make_loader(val_set, 8, data.workers)
     result = time_model(model, name, args.backend, device, data.image_size, args.batch_size, args.runs, args.warmup,
-                        args.threads, val_loader, teacher, getattr(args, "teacher_runs", 10))
+                        args.threads, val_loader, teacher, teacher_runs)
     if teacher is not None:
         result["vs_teacher"]["weights"] = args.teacher_weights
     print_timing_table(result)
@@ -273,13 +273,14 @@ def time_model(model, name, backends, device, image_size, batch_size, runs, warm
         rec = latency_stats(latencies[backend])
         rec.update(throughput_img_s=batch_size / float(np.median(batched[backend])), max_abs_diff=ready[backend][1])
         if val_loader is not None:
-            rec["miou"] = engine.evaluate(_Callable(ready[backend][0]), val_loader, device, model.num_classes)["miou"]
+            backend_fn = _Callable(ready[backend][0])
+            rec["miou"] = engine.compute_metrics(backend_fn, val_loader, device, model.num_classes)["miou"]
             if backend == "eager" or result["miou"] is None:
                 result["miou"] = rec["miou"]
         result["backends"][backend] = rec
         print(f"{backend:>14s}: {rec['latency_ms_median']:8.2f} ms median, {rec['latency_ms_p90']:8.2f} ms p90 at "
               f"batch 1 | {rec['throughput_img_s']:7.1f} img/s at batch {batch_size} | max |diff| "
-              f"{rec['max_abs_diff']:.1e}" + (f" | mIoU {100 * rec['miou']:.2f}" if "miou" in rec else ""), flush=True)
+              f"{rec['max_abs_diff']:.1e}" + (f" | mIoU {rec['miou']:.2f}" if "miou" in rec else ""), flush=True)
     if teacher is not None:
         result["vs_teacher"] = {"params": common.count_params(teacher), "backends": {}}
         for backend, (_, diff) in teacher_ready.items():
@@ -294,7 +295,7 @@ def print_timing_table(result):
     ok = {k: v for k, v in result["backends"].items() if "latency_ms_median" in v}
     eager = ok.get("eager", {}).get("latency_ms_median")
     teacher = result.get("vs_teacher", {}).get("backends", {})
-    miou = f", val mIoU {100 * result['miou']:.2f}" if result["miou"] is not None else ""
+    miou = f", val mIoU {result['miou']:.2f}" if result["miou"] is not None else ""
     print(f"\n{result['model']}: {result['params']:,} parameters, {result['size_mb']:.1f} MB, "
           f"{result['image_size']}px, {result['device']}, {result['threads']} threads{miou}")
     print(f"| backend | median ms (batch 1) | p90 ms | FPS | img/s (batch {result['batch_size']}) | "
@@ -420,7 +421,7 @@ def plot_timing(results, path):
     axes[0].set(xlabel="latency per image at batch 1 (ms, log)", title="Timing statistics")
     axes[0].grid(alpha=0.3)
     axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    points = [(f"{r['model']} {backend}", b["latency_ms_median"], 100 * b["miou"]) for r in results
+    points = [(f"{r['model']} {backend}", b["latency_ms_median"], b["miou"]) for r in results
               for backend, b in r["backends"].items() if "latency_ms_median" in b and b.get("miou") is not None]
     for label, latency, miou in points:
         axes[1].scatter(latency, miou)

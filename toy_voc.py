@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 import fileio
-from common import IGNORE_INDEX, save_mask_png
+from voc import IGNORE_INDEX, save_mask_png
 
 TOY_VERSION = 1
 TOY_SIZES = {"train": 300, "val": 100}

@@ -1,12 +1,16 @@
+import dataclasses
 import os
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 VOC_SAMPLE = os.path.join(REPO, "..", "shared", "voc_sample")
 
+import common  # noqa: E402
+import engine  # noqa: E402
 import toy_voc  # noqa: E402
 
 
@@ -77,3 +81,20 @@ def assert_flag_refused(module, argv, capsys):
     with pytest.raises(SystemExit) as e:
         module.get_args_parser().parse_args(argv)
     assert e.value.code == 2 and argv[-2] in capsys.readouterr().err
+
+
+def loop_config(**changes):
+    """A TrainConfig for calling the loop's pieces (train_one_epoch, make_checkpoint) directly: CPU, fp32, toy-sized;
+    `changes` replace any field (e.g. data=toy_data_config(tmp_path), precision="fp16")."""
+    cfg = engine.TrainConfig(strategy="test", device=torch.device("cpu"), data=None, out_dir="", resume=None, epochs=1,
+                             batch_size=2, lr=0.1, weight_decay=0.0, lr_factor=0.5, lr_patience=5, save_every=1,
+                             precision="fp32", accumulate=1, channels_last=False, sync_bn=False, skip_nonfinite=False,
+                             log_every=20, flags={})
+    return dataclasses.replace(cfg, **changes)
+
+
+def toy_data_config(folder):
+    """A DataConfig of the toy set under folder at 32 px, no workers."""
+    return common.DataConfig(data_dir=str(folder), toy=True, download=False, cache_dir=str(folder), num_classes=21,
+                             image_size=32, eval_size=None, limit_train=None, limit_val=None, train_set="train",
+                             workers=0, seed=0)

@@ -21,7 +21,7 @@ import timing
 import train_baseline
 import train_feature_kd
 import train_response_kd
-from conftest import REPO, small_run_args
+from conftest import REPO, loop_config, small_run_args, toy_data_config
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")]
@@ -150,9 +150,8 @@ def test_cuda_timing_backend_matches_eager(backend):
 
 
 def test_cuda_rng_state_round_trip(tmp_path):
-    data = common.DataConfig(str(tmp_path), True, False, str(tmp_path), 21, 32, None, None, None, "train", 0, 0)
-    cfg = engine.TrainConfig("test", CUDA, data, str(tmp_path), str(tmp_path / "last.pth"), 1, 2, 0.1, 0.0, 0.5, 5,
-                             1, "fp32", 1, True, False, False, 20, {"strategy": "test"})
+    cfg = loop_config(device=CUDA, data=toy_data_config(tmp_path), out_dir=str(tmp_path),
+                      resume=str(tmp_path / "last.pth"), channels_last=True, flags={"strategy": "test"})
     model = torch.nn.Linear(2, 2).to(CUDA)
     optimizer = torch.optim.Adam(model.parameters())
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")

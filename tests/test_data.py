@@ -12,18 +12,19 @@ from torchvision.datasets import VOCSegmentation
 
 import common
 import toy_voc
+import voc
 from conftest import VOC_SAMPLE
 
 
 def test_toy_set_layout_and_determinism(data_dir, toy_root, tmp_path):
     for split, n in toy_voc.TOY_SIZES.items():
-        assert len(common.read_split_ids(toy_root, split)) == n
+        assert len(voc.read_split_ids(toy_root, split)) == n
     again = toy_voc.make_toy_voc(str(tmp_path / "toy"))
     for image_id in ("toy_train_0000", "toy_val_0042"):
         a = np.asarray(Image.open(os.path.join(toy_root, "SegmentationClass", image_id + ".png")))
         b = np.asarray(Image.open(os.path.join(again, "SegmentationClass", image_id + ".png")))
         np.testing.assert_array_equal(a, b)
-    cache = common.PixelCache(toy_root, "train", str(tmp_path / "cache"))
+    cache = voc.PixelCache(toy_root, "train", str(tmp_path / "cache"))
     counts = common.class_pixel_counts(cache.masks(), 21)
     assert (counts > 0).all(), "every class must occur in the toy training set"
     all_values = np.unique(np.concatenate([np.unique(m) for m in cache.masks()]))
@@ -31,7 +32,7 @@ def test_toy_set_layout_and_determinism(data_dir, toy_root, tmp_path):
 
 
 def _compare_with_torchvision(voc_parent, root, split, cache_dir):
-    cache = common.PixelCache(root, split, cache_dir)
+    cache = voc.PixelCache(root, split, cache_dir)
     ref = VOCSegmentation(voc_parent, year="2012", image_set=split, download=False)
     assert len(ref) == len(cache)
     for i in range(len(cache)):
@@ -49,9 +50,9 @@ def test_loader_matches_torchvision_on_toy(data_dir, toy_root, tmp_path):
 @pytest.mark.skipif(not os.path.isdir(VOC_SAMPLE), reason="../shared/voc_sample not present")
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_loader_reads_every_real_voc_pair(split, tmp_path):
-    root = common.find_voc_root(VOC_SAMPLE)
+    root = voc.find_voc_root(VOC_SAMPLE)
     cache = _compare_with_torchvision(VOC_SAMPLE, root, split, str(tmp_path))
-    assert len(cache) == len(common.read_split_ids(root, split))
+    assert len(cache) == len(voc.read_split_ids(root, split))
 
 
 def _copy_toy(toy_root, tmp_path):
@@ -65,38 +66,38 @@ def test_mask_with_out_of_range_values_names_the_file(toy_root, tmp_path):
     bad = os.path.join(root, "SegmentationClass", "toy_val_0003.png")
     mask = np.asarray(Image.open(bad)).copy()
     mask[0, 0] = 30
-    common.save_mask_png(mask, bad)
+    voc.save_mask_png(mask, bad)
     with pytest.raises(SystemExit, match=r"toy_val_0003\.png.*\[30\]"):
-        common.PixelCache(root, "val", str(tmp_path / "cache"))
+        voc.PixelCache(root, "val", str(tmp_path / "cache"))
 
 
 def test_mask_of_wrong_size_and_missing_file(toy_root, tmp_path):
     root = _copy_toy(toy_root, tmp_path)
     bad = os.path.join(root, "SegmentationClass", "toy_val_0001.png")
-    common.save_mask_png(np.zeros((10, 10), np.uint8), bad)
+    voc.save_mask_png(np.zeros((10, 10), np.uint8), bad)
     with pytest.raises(SystemExit, match=r"toy_val_0001\.png is 10x10"):
-        common.PixelCache(root, "val", str(tmp_path / "cache"))
+        voc.PixelCache(root, "val", str(tmp_path / "cache"))
     os.remove(os.path.join(root, "JPEGImages", "toy_val_0002.jpg"))
     with pytest.raises(SystemExit, match=r"toy_val_0002\.jpg is listed in the split but missing"):
-        common.PixelCache(root, "val", str(tmp_path / "cache"))
+        voc.PixelCache(root, "val", str(tmp_path / "cache"))
 
 
 def test_cache_is_rebuilt_when_a_source_file_changes(toy_root, tmp_path):
     root = _copy_toy(toy_root, tmp_path)
-    cache = common.PixelCache(root, "val", str(tmp_path / "cache"))
+    cache = voc.PixelCache(root, "val", str(tmp_path / "cache"))
     path = os.path.join(root, "SegmentationClass", "toy_val_0005.png")
     mask = np.asarray(Image.open(path)).copy()
     mask[:5, :5] = 7
-    common.save_mask_png(mask, path)
+    voc.save_mask_png(mask, path)
     os.utime(path, ns=(1, 1))  # a different mtime even on coarse-clock file systems
-    fresh = common.PixelCache(root, "val", str(tmp_path / "cache"))
+    fresh = voc.PixelCache(root, "val", str(tmp_path / "cache"))
     assert fresh.fingerprint != cache.fingerprint
     np.testing.assert_array_equal(fresh.get(5)[1], mask)
 
 
 def test_download_failure_is_one_clear_message(tmp_path):
     with pytest.raises(SystemExit) as e:
-        common.download_voc(str(tmp_path), urls=("http://127.0.0.1:9/VOCtrainval_11-May-2012.tar",))
+        voc.download_voc(str(tmp_path), urls=("http://127.0.0.1:9/VOCtrainval_11-May-2012.tar",))
     msg = str(e.value)
     assert "VOCtrainval_11-May-2012.tar" in msg and str(tmp_path) in msg and "--toy" in msg
 
@@ -155,11 +156,11 @@ def test_confusion_matrix_against_numpy():
     for k in range(c):
         inter = np.sum((target == k) & (pred == k) & valid)
         union = np.sum(((target == k) | (pred == k)) & valid)
-        ious.append(inter / union if union else np.nan)
+        ious.append(100 * inter / union if union else np.nan)  # percent, as everywhere in the repo
         gt = np.sum((target == k) & valid)
-        accs.append(inter / gt if gt else np.nan)
+        accs.append(100 * inter / gt if gt else np.nan)
     assert np.isnan(out["iou_per_class"][5]) and out["iou_per_class"][4] == 0.0
     np.testing.assert_allclose(out["iou_per_class"], ious, rtol=1e-12)
     assert out["miou"] == pytest.approx(np.nanmean(ious), rel=1e-12)
-    assert out["pixel_acc"] == pytest.approx(np.sum((target == pred) & valid) / valid.sum(), rel=1e-12)
+    assert out["pixel_acc"] == pytest.approx(100 * np.sum((target == pred) & valid) / valid.sum(), rel=1e-12)
     assert out["mean_class_acc"] == pytest.approx(np.nanmean(accs), rel=1e-12)

@@ -9,10 +9,8 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,6 +20,7 @@ import engine
 import evaluate
 import fileio
 import train_baseline
+import voc
 from conftest import REPO, small_run_args
 
 
@@ -39,8 +38,8 @@ def process_gone(pid):
 WORKER_ERROR_RUN = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import common, train_baseline
-main_pid, get = os.getpid(), common.PixelCache.get
+import train_baseline, voc
+main_pid, get = os.getpid(), voc.PixelCache.get
 def failing_get(self, i):
     if os.getpid() != main_pid:
         with open({pids!r}, "a") as f:
@@ -48,13 +47,13 @@ def failing_get(self, i):
         if self.dir.endswith("-train") and i % 4 == 3:
             raise {error}
     return get(self, i)
-common.PixelCache.get = failing_get
+voc.PixelCache.get = failing_get
 train_baseline.main(train_baseline.get_args_parser().parse_args({argv!r}))
 """
 
 
 @pytest.mark.parametrize("error", [
-    'common.DataProblem(f"cannot read image /data/JPEGImages/{i}.jpg (truncated); replace it")',
+    'voc.DataProblem(f"cannot read image /data/JPEGImages/{i}.jpg (truncated); replace it")',
     'ValueError("a bug, not a data problem")'])
 def test_worker_error_ends_the_run_within_seconds_and_leaves_no_worker(error, data_dir, tmp_path):
     pids = tmp_path / "worker_pids"
@@ -144,7 +143,7 @@ DAMAGE = {
 def built_cache(toy_root, tmp_path_factory):
     """The toy val split's pixel cache, built once: (cache_dir, {file: bytes})."""
     cache_dir = tmp_path_factory.mktemp("pristine")
-    cache = common.PixelCache(toy_root, "val", str(cache_dir))
+    cache = voc.PixelCache(toy_root, "val", str(cache_dir))
     return cache_dir, {n: open(os.path.join(cache.dir, n), "rb").read() for n in ("images.npy", "masks.npy")}
 
 
@@ -156,19 +155,19 @@ def test_damaged_pixel_cache_is_named_and_rebuilt(kind, toy_root, built_cache, t
     (folder,) = os.listdir(tmp_path / "cache")
     name, damage, reason = DAMAGE[kind]
     damage(str(tmp_path / "cache" / folder / name))
-    cache = common.PixelCache(toy_root, "val", str(tmp_path / "cache"))
+    cache = voc.PixelCache(toy_root, "val", str(tmp_path / "cache"))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and reason in err[0]
     assert err[0].startswith(f"warning: the pixel cache {cache.dir} is damaged (")
     assert err[0].endswith("; rebuilding it")
     for n, content in pristine.items():
         assert open(os.path.join(cache.dir, n), "rb").read() == content
-    common.PixelCache(toy_root, "val", str(tmp_path / "cache"))  # intact now: opened without a word
+    voc.PixelCache(toy_root, "val", str(tmp_path / "cache"))  # intact now: opened without a word
     assert capsys.readouterr().err == ""
 
 
 def test_damaged_class_weights_and_teacher_logits_are_rebuilt(toy_root, tmp_path, capsys):
-    dataset = common.SegmentationDataset(common.PixelCache(toy_root, "train", str(tmp_path)), 32, train=True,
+    dataset = common.SegmentationDataset(voc.PixelCache(toy_root, "train", str(tmp_path)), 32, train=True,
                                          limit=8)
     weights = common.compute_class_weights(dataset)
     torch.manual_seed(0)
@@ -212,7 +211,7 @@ def test_damaged_cache_in_a_read_only_folder_says_how_to_rebuild(toy_root, built
     flip_last_bytes(str(tmp_path / "cache" / folder / "masks.npy"))
     with read_only_mount(tmp_path / "cache"):
         with pytest.raises(SystemExit) as e:
-            common.PixelCache(toy_root, "val", str(tmp_path / "cache"))
+            voc.PixelCache(toy_root, "val", str(tmp_path / "cache"))
     message = str(e.value)
     assert message.startswith(f"error: the pixel cache {tmp_path / 'cache' / folder} is damaged (masks.npy fails "
                               f"its checksum), and it cannot be rebuilt in place (Read-only file system); point "

@@ -18,7 +18,7 @@ def test_demo_table_summarises_every_seed(data_dir, tmp_path):
     assert [r["model"] for r in rows] == ["teacher", "baseline", "response-kd", "cwd", "dist", "response-kd-live"]
     results = {r["model"]: r for r in json.loads((out / "results.json").read_text())}
     for name in ("baseline", "response-kd", "cwd", "dist", "response-kd-live"):
-        finals = [100 * json.loads((out / f"{name}_seed{s}" / "history.json").read_text())[-1]["val_miou"]
+        finals = [json.loads((out / f"{name}_seed{s}" / "history.json").read_text())[-1]["val_miou"]
                   for s in (0, 1)]
         assert results[name]["miou_runs"] == finals and results[name]["seeds"] == 2
         assert results[name]["miou"] == pytest.approx(statistics.mean(finals))

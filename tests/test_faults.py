@@ -1,7 +1,6 @@
 """Faults: SIGTERM inside an epoch (also forwarded twice by a wrapper) and kill -9 both resume to exactly the
 uninterrupted history; non-finite losses stop (or skip) naming the batch and term; a full disk keeps the old
 checkpoint; a truncated JPEG is named."""
-import dataclasses
 import errno
 import json
 import os
@@ -15,11 +14,11 @@ import time
 import pytest
 import torch
 
-import common
 import engine
 import train_baseline
 import train_response_kd
-from conftest import REPO, assert_flag_refused, small_run_args
+import voc
+from conftest import REPO, assert_flag_refused, loop_config, small_run_args
 
 COMPARED = ("train_loss", "val_loss", "val_miou", "val_pixel_acc", "lr")
 
@@ -100,15 +99,6 @@ def _batches(n):
     return [{"image": torch.zeros(2, 1), "mask": torch.zeros(2, 1)} for _ in range(n)]
 
 
-def _loop_config(**changes):
-    """A TrainConfig for calling engine.train_one_epoch directly on CPU."""
-    cfg = engine.TrainConfig(strategy="test", device=torch.device("cpu"), data=None, out_dir="", resume=None, epochs=1,
-                             batch_size=2, lr=0.1, weight_decay=0.0, lr_factor=0.5, lr_patience=5, save_every=1,
-                             precision="fp32", accumulate=1, channels_last=False, sync_bn=False, skip_nonfinite=False,
-                             log_every=20, flags={})
-    return dataclasses.replace(cfg, **changes)
-
-
 def test_non_finite_loss_stops_naming_batch_and_term_or_is_skipped():
     weight = torch.nn.Parameter(torch.ones(1))
     opt = torch.optim.SGD([weight], lr=0.1)
@@ -121,12 +111,12 @@ def test_non_finite_loss_stops_naming_batch_and_term_or_is_skipped():
     compute_loss.calls = 0
     net = torch.nn.ParameterList([weight])
     with pytest.raises(SystemExit, match=r"non-finite loss at epoch 3 batch 1 \(terms: kd\)"):
-        engine.train_one_epoch(net, compute_loss, _batches(3), opt, None, engine.EpochProgress(3), _loop_config())
+        engine.train_one_epoch(net, compute_loss, _batches(3), opt, None, engine.EpochProgress(3), loop_config())
     compute_loss.calls = 0
     weight.data.fill_(1.0)
     progress = engine.EpochProgress(3)
     with pytest.warns(UserWarning, match="non-finite loss at batch 1; its optimizer step is skipped"):
-        engine.train_one_epoch(net, compute_loss, _batches(3), opt, None, progress, _loop_config(skip_nonfinite=True))
+        engine.train_one_epoch(net, compute_loss, _batches(3), opt, None, progress, loop_config(skip_nonfinite=True))
     assert progress.step == 3 and progress.skipped == 1 and progress.images == 4
     # batches 0 and 2 trained (2 images each): kd = w = 1.0, then 1.0 - 0.1 * d(3w)/dw = 0.7
     assert progress.totals["kd"] == pytest.approx(2 * 1.0 + 2 * 0.7) and weight.item() == pytest.approx(0.4)
@@ -155,7 +145,7 @@ def test_truncated_jpeg_is_named(toy_root, tmp_path):
     jpg = root / "JPEGImages" / "toy_val_0007.jpg"
     jpg.write_bytes(jpg.read_bytes()[:300])
     with pytest.raises(SystemExit, match=r"toy_val_0007\.jpg"):
-        common.PixelCache(str(root), "val", str(tmp_path / "cache"))
+        voc.PixelCache(str(root), "val", str(tmp_path / "cache"))
 
 
 def test_gradient_accumulation_equals_the_large_batch():
@@ -171,7 +161,7 @@ def test_gradient_accumulation_equals_the_large_batch():
             mse = torch.nn.functional.mse_loss(net(batch["image"]), batch["mask"])
             return mse, {"mse": mse}
         engine.train_one_epoch(model, compute_loss, batches, opt, None, engine.EpochProgress(0),
-                               _loop_config(accumulate=accumulate))
+                               loop_config(accumulate=accumulate))
         return model.weight.detach().clone()
     reference_state = torch.nn.Linear(3, 1).state_dict()
     big = run([{"image": x[:4], "mask": y[:4]}, {"image": x[4:], "mask": y[4:]}], accumulate=1)

@@ -17,7 +17,8 @@ import evaluate
 import train_baseline
 import train_feature_kd
 import train_response_kd
-from conftest import REPO, assert_flag_refused, small_run_args
+import voc
+from conftest import REPO, assert_flag_refused, loop_config, small_run_args, toy_data_config
 
 
 def run_baseline(argv):
@@ -87,9 +88,9 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
         evaluate.main(evaluate.get_args_parser().parse_args(["--weights", str(evil), "--toy"]))
     assert not marker.exists()
     # what this repo writes loads safely: a training checkpoint with optimizer, scheduler, RNG and partial state
+    cfg = loop_config(data=toy_data_config(tmp_path), out_dir=str(tmp_path), flags={"lr": 0.1})
     ckpt = engine.make_checkpoint(torch.nn.Linear(2, 2), torch.nn.ModuleDict(), *_optimizer_and_scheduler(),
-                                  None, engine.RunState(1, None, [], engine.EpochProgress(1, step=3)),
-                                  _config(tmp_path), "student")
+                                  None, engine.RunState(1, None, [], engine.EpochProgress(1, step=3)), cfg, "student")
     engine.save_checkpoint(ckpt, str(tmp_path / "last.pth"))
     assert common.read_checkpoint(str(tmp_path / "last.pth"))["partial"]["step"] == 3
 
@@ -97,12 +98,6 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
 def _optimizer_and_scheduler():
     opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())
     return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max")
-
-
-def _config(tmp_path):
-    data = common.DataConfig(str(tmp_path), True, False, str(tmp_path), 21, 32, None, None, None, "train", 0, 0)
-    return engine.TrainConfig("test", torch.device("cpu"), data, str(tmp_path), None, 1, 2, 0.1, 0.0, 0.5, 5, 1,
-                              "fp32", 1, False, False, False, 20, {"lr": 0.1})
 
 
 def test_unwritable_outputs_and_cache_fail_before_any_work(data_dir, tmp_path):
@@ -151,19 +146,19 @@ def _signal_self_on_call(n, sig=15):
 
 
 def test_signal_while_building_the_pixel_cache_leaves_nothing_half_built(toy_root, tmp_path, monkeypatch):
-    real_read_image = common.read_image
+    real_read_image = voc.read_image
     hook = _signal_self_on_call(5)
 
     def read_image(path):
         hook()
         return real_read_image(path)
-    monkeypatch.setattr(common, "read_image", read_image)
+    monkeypatch.setattr(voc, "read_image", read_image)
     with pytest.raises(SystemExit, match="interrupted by SIGTERM while building the pixel cache"):
-        common.PixelCache(toy_root, "val", str(tmp_path / "cache"))
+        voc.PixelCache(toy_root, "val", str(tmp_path / "cache"))
     folder = next((tmp_path / "cache").iterdir())
     assert os.listdir(folder) == ["build.lock"]  # (empty) no temporary memmaps, no index: the next run starts over
-    monkeypatch.setattr(common, "read_image", real_read_image)
-    cache = common.PixelCache(toy_root, "val", str(tmp_path / "cache"))
+    monkeypatch.setattr(voc, "read_image", real_read_image)
+    cache = voc.PixelCache(toy_root, "val", str(tmp_path / "cache"))
     assert len(cache) == 100 and cache.get(99)[0].shape[2] == 3
 
 
@@ -187,11 +182,11 @@ def test_every_bad_file_is_named_in_one_error(toy_root, tmp_path):
     shutil.copytree(toy_root, root)
     (root / "JPEGImages" / "toy_val_0003.jpg").write_bytes(b"not a jpeg")
     mask_path = root / "SegmentationClass" / "toy_val_0011.png"
-    common.save_mask_png(np.full((20, 20), 40, np.uint8), mask_path)  # wrong values and wrong size
+    voc.save_mask_png(np.full((20, 20), 40, np.uint8), mask_path)  # wrong values and wrong size
     truncated = root / "JPEGImages" / "toy_val_0042.jpg"
     truncated.write_bytes(truncated.read_bytes()[:300])
     with pytest.raises(SystemExit) as e:
-        common.PixelCache(str(root), "val", str(tmp_path / "cache"))
+        voc.PixelCache(str(root), "val", str(tmp_path / "cache"))
     message = str(e.value)
     assert message.startswith("error: 3 problem(s)") and len(message.splitlines()) == 4
     for name in ("toy_val_0003.jpg", "toy_val_0011.png", "toy_val_0042.jpg"):

@@ -8,6 +8,7 @@ from torchvision.models import mobilenet_v3_large
 from torchvision.models.segmentation import fcn_resnet50
 
 import common
+import voc
 from student_model import LightweightDeepLabV3, upsample_bilinear
 
 
@@ -68,7 +69,7 @@ def test_pretrained_teacher_loads_offline_and_can_change_class_count():
 
 
 def test_missing_pretrained_weights_name_the_file(monkeypatch):
-    monkeypatch.setattr(common, "DOWNLOAD_TIMEOUT_S", 3)
+    monkeypatch.setattr(voc, "DOWNLOAD_TIMEOUT_S", 3)
     with pytest.raises(SystemExit) as e:
         common.build_student(21, pretrained=True)
     msg = str(e.value)

@@ -1,11 +1,11 @@
 """The CPU-runnable half of the mixed-precision logic, on every CPU: --amp resolves to an explicit type, bf16
 autocast trains (natively or emulated), and the fp16 GradScaler skips an overflowing step and lowers its scale."""
-import dataclasses
 
 import pytest
 import torch
 
 import engine
+from conftest import loop_config
 
 CPU = torch.device("cpu")
 
@@ -18,12 +18,6 @@ def test_amp_flag_resolves_to_an_explicit_type():
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
     with engine.autocast(CPU, "fp32"):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
-
-
-def _config(**changes):
-    cfg = engine.TrainConfig("test", CPU, None, "", None, 1, 2, 0.1, 0.0, 0.5, 5, 1, "fp32", 1, False, False, False,
-                             20, {})
-    return dataclasses.replace(cfg, **changes)
 
 
 def test_fp16_grad_scaler_skips_an_overflowing_step_on_cpu():
@@ -40,7 +34,7 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_on_cpu():
         return loss, {"loss_term": loss}
     batches = [{"image": torch.zeros(2, 1), "mask": torch.zeros(2, 1)} for _ in range(2)]
     progress = engine.EpochProgress(0)
-    engine.train_one_epoch(net, compute_loss, batches[:1], optimizer, scaler, progress, _config(precision="fp16"))
+    engine.train_one_epoch(net, compute_loss, batches[:1], optimizer, scaler, progress, loop_config(precision="fp16"))
     assert weight.item() == 1.0 and scaler.get_scale() == 2.0 ** 15  # skipped, scale backed off
-    engine.train_one_epoch(net, compute_loss, batches[1:], optimizer, scaler, progress, _config(precision="fp16"))
+    engine.train_one_epoch(net, compute_loss, batches[1:], optimizer, scaler, progress, loop_config(precision="fp16"))
     assert weight.item() == pytest.approx(0.9)  # unscaled gradient 1.0, lr 0.1

@@ -8,6 +8,7 @@ from PIL import Image
 import common
 import sbd
 import train_baseline
+import voc
 
 scipy_io = pytest.importorskip("scipy.io")
 
@@ -16,8 +17,8 @@ def _make_sbd(data_dir, toy_root, rng):
     root = os.path.join(data_dir, "benchmark_RELEASE", "dataset")
     os.makedirs(os.path.join(root, "cls"))
     os.makedirs(os.path.join(root, "img"))
-    voc_val = common.read_split_ids(toy_root, "val")[:3]      # SBD overlaps VOC val: must not leak into trainaug
-    voc_train = common.read_split_ids(toy_root, "train")[:2]  # also in VOC train: VOC's own mask wins
+    voc_val = voc.read_split_ids(toy_root, "val")[:3]      # SBD overlaps VOC val: must not leak into trainaug
+    voc_train = voc.read_split_ids(toy_root, "train")[:2]  # also in VOC train: VOC's own mask wins
     new = [f"sbd_{i:04d}" for i in range(3)]
     masks = {}
     for image_id in voc_val + voc_train + new:
@@ -40,15 +41,15 @@ def test_trainaug_has_no_val_ids_and_converts_masks(toy_root, tmp_path):
     root, voc_val, voc_train, new, masks = _make_sbd(data_dir, toy_root, np.random.default_rng(0))
     pairs = sbd.trainaug_pairs(toy_root, data_dir, download=False)
     ids = [p[0] for p in pairs]
-    assert not set(ids) & set(common.read_split_ids(toy_root, "val"))
-    assert set(ids) == set(common.read_split_ids(toy_root, "train")) | set(new)
+    assert not set(ids) & set(voc.read_split_ids(toy_root, "val"))
+    assert set(ids) == set(voc.read_split_ids(toy_root, "train")) | set(new)
     by_id = {image_id: (img, mask) for image_id, img, mask in pairs}
     for image_id in new:  # SBD-only: its image, its converted mask
         assert by_id[image_id][0] == os.path.join(root, "img", image_id + ".jpg")
         np.testing.assert_array_equal(np.asarray(Image.open(by_id[image_id][1])), masks[image_id])
     for image_id in voc_train:  # VOC's own annotation is used
         assert by_id[image_id][1] == os.path.join(toy_root, "SegmentationClass", image_id + ".png")
-    cache = common.PixelCache(toy_root, "trainaug", str(tmp_path / "cache"), pairs=pairs)
+    cache = voc.PixelCache(toy_root, "trainaug", str(tmp_path / "cache"), pairs=pairs)
     np.testing.assert_array_equal(cache.get(ids.index(new[1]))[1], masks[new[1]])
 
 
@@ -61,7 +62,7 @@ def test_train_set_flag_builds_the_trainaug_split(data_dir, toy_root, tmp_path):
     os.makedirs(tmp_path / "VOCdevkit")
     os.symlink(toy_root, tmp_path / "VOCdevkit" / "VOC2012")
     datasets = common.build_datasets(common.data_config(args), splits=("train",))
-    assert len(datasets["train"]) == len(common.read_split_ids(toy_root, "train")) + len(new)
+    assert len(datasets["train"]) == len(voc.read_split_ids(toy_root, "train")) + len(new)
 
 
 def test_missing_sbd_without_download_is_a_clear_error(toy_root, tmp_path):

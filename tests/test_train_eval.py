@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 import common
+import engine
 import evaluate
 import train_baseline
+import voc
 from conftest import REPO, VOC_SAMPLE, assert_flag_refused, small_run_args
 from student_model import LightweightDeepLabV3
 
@@ -28,12 +30,18 @@ def run_baseline(argv):
 
 @pytest.fixture(scope="module")
 def trained_run(data_dir, tmp_path_factory):
-    """A 2-epoch baseline run through the real command line."""
-    out = tmp_path_factory.mktemp("run")
-    argv = small_run_args(data_dir, out, "--epochs", "2", "--save-every", "2", "--lr", "1e-3")
-    proc = subprocess.run([sys.executable, "train_baseline.py", *argv], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "epoch   1 | train loss" in proc.stdout and "best val mIoU" in proc.stdout
+    """A 2-epoch baseline run through the real command line, its output redirected as `> log.txt 2>&1`: a clean log,
+    plain progress lines every --log-every steps and one line per epoch, no carriage returns (no progress bars)."""
+    out, log = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("log") / "log.txt"
+    argv = small_run_args(data_dir, out, "--epochs", "2", "--save-every", "2", "--lr", "1e-3", "--log-every", "2")
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "train_baseline.py", *argv], cwd=REPO, stdout=f,
+                              stderr=subprocess.STDOUT)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r" not in text and "epoch   1 | train loss" in text and "best val mIoU" in text
+    progress = re.findall(r"^epoch (\d) batch (\d)/4 \| loss \d+\.\d{4} \| [\d.]+ img/s$", text, re.M)
+    assert progress == [("0", "2"), ("0", "4"), ("1", "2"), ("1", "4")]  # 32 images, batch 8: 4 steps per epoch
     return out
 
 
@@ -43,15 +51,25 @@ def test_baseline_cli_writes_every_output(trained_run):
     history = json.loads((trained_run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1]
     assert HISTORY_KEYS <= set(history[0])
-    assert 0 <= history[-1]["val_miou"] <= 1 and 0 <= history[-1]["data_wait_frac"] <= 1
+    assert 0 <= history[-1]["val_miou"] <= 100 and 0 <= history[-1]["data_wait_frac"] <= 1  # percent, a fraction
     best = torch.load(trained_run / "best.pth", map_location="cpu", weights_only=True)
-    assert set(best) == {"model", "epoch", "best_miou", "history", "args", "arch", "num_classes"}  # no optimizer state
+    assert set(best) == {"model", "epoch", "best_miou", "history", "args", "arch", "num_classes",
+                         "metric_unit"}  # no optimizer state
     assert os.path.getsize(trained_run / "best.pth") < 0.5 * os.path.getsize(trained_run / "last.pth")
     ckpt = torch.load(trained_run / "last.pth", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "scheduler", "epoch", "best_miou", "history", "args", "arch",
             "num_classes"} <= set(ckpt)
     assert ckpt["best_miou"] == max(h["val_miou"] for h in history)
     assert Image.open(trained_run / "loss.png").size[0] > 100
+
+
+def test_a_checkpoint_in_fractions_resumes_in_percent():
+    """Checkpoints from before every figure became a percentage hold fractions; their history is converted on resume."""
+    old = {"best_miou": 0.25, "history": [{"epoch": 0, "val_miou": 0.25, "val_pixel_acc": 0.5, "val_loss": 1.5}]}
+    assert engine.history_in_percent(old) == (25.0, [{"epoch": 0, "val_miou": 25.0, "val_pixel_acc": 50.0,
+                                                      "val_loss": 1.5}])
+    new = dict(old, metric_unit="percent")
+    assert engine.history_in_percent(new) == (0.25, old["history"])
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):
@@ -89,7 +107,7 @@ def test_evaluate_json_agrees_with_saved_predictions(data_dir, toy_root, trained
     evaluate.main(args)
     report = json.loads((tmp_path / "m.json").read_text())
     assert set(report) >= {"miou", "pixel_acc", "mean_class_acc", "iou_per_class", "num_images"}
-    ids = common.read_split_ids(toy_root, "val")
+    ids = voc.read_split_ids(toy_root, "val")
     assert report["num_images"] == len(ids) and sorted(os.listdir(preds)) == sorted(i + ".png" for i in ids)
     cm = common.ConfusionMatrix(21)
     for image_id in ids:  # recompute from the PNGs and the original masks, independently of evaluate()
@@ -130,8 +148,8 @@ def test_most_confused_pairs_against_hand_computation():
 
 @pytest.mark.skipif(not os.path.isdir(VOC_SAMPLE), reason="../shared/voc_sample not present")
 def test_evaluate_runs_on_real_voc_files(tmp_path):
-    root = common.find_voc_root(VOC_SAMPLE)
-    ids = common.read_split_ids(root, "val")[:24]  # real JPEGs and palette PNGs; a few are enough for the CLI
+    root = voc.find_voc_root(VOC_SAMPLE)
+    ids = voc.read_split_ids(root, "val")[:24]  # real JPEGs and palette PNGs; a few are enough for the CLI
     sample = tmp_path / "voc" / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         os.makedirs(sample / sub)
@@ -170,7 +188,7 @@ def test_html_browser_page_references_existing_files(data_dir, trained_run, tmp_
                                                 image_id + ".png")))
         np.testing.assert_array_equal(np.asarray(Image.open(out / "img" / f"{image_id}_pred.png"))[..., :3],
                                       evaluate.colorize(pred))
-        assert float(shown) == pytest.approx(100 * evaluate.image_miou(gt, pred, 21), abs=0.006)
+        assert float(shown) == pytest.approx(evaluate.image_miou(gt, pred, 21), abs=0.006)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("headless check: Chromium not installed (apt-get install chromium)")
@@ -208,10 +226,10 @@ def test_comparison_of_several_models_matches_their_own_json(data_dir, trained_r
         report = tmp_path / "own.json"
         evaluate.main(evaluate.get_args_parser().parse_args(["--weights", row[0], "--json", str(report), *flags]))
         own = json.loads(report.read_text())
-        assert float(row[3]) == round(100 * own["miou"], 2) and float(row[4]) == round(100 * own["pixel_acc"], 2)
+        assert float(row[3]) == round(own["miou"], 2) and float(row[4]) == round(own["pixel_acc"], 2)
         for name, cell in zip(rows[0][6:], row[6:]):
             value = own["iou_per_class"][name[len("iou_"):]]
-            assert (cell == "") == (value is None) and (value is None or float(cell) == round(100 * value, 2))
+            assert (cell == "") == (value is None) and (value is None or float(cell) == round(value, 2))
     assert rows[1][1] == "baseline-student" and rows[1][5] == ""
     assert rows[2][1] == "student" and rows[2][5] == "12.50 (onnxruntime)"
     assert "| model | strategy |" in (out / "comparison.md").read_text()

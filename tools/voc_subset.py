@@ -9,8 +9,8 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
 import flags  # noqa: E402
+import voc  # noqa: E402
 
 
 def get_args_parser():
@@ -22,7 +22,7 @@ def get_args_parser():
 
 
 def main(args):
-    root = common.find_voc_root(args.src)
+    root = voc.find_voc_root(args.src)
     if root is None:
         raise SystemExit(f"error: no VOC dataset under {args.src}")
     out = os.path.join(args.dst, "VOCdevkit", "VOC2012")
@@ -31,7 +31,7 @@ def main(args):
     budget = args.max_mb * 2 ** 20 / 2  # half for each split
     for split in ("train", "val"):
         kept, used = [], 0
-        for image_id, img, mask in common.split_pairs(root, split):
+        for image_id, img, mask in voc.split_pairs(root, split):
             size = os.path.getsize(img) + os.path.getsize(mask)
             if used + size > budget:
                 break

@@ -1,0 +1,58 @@
+"""The house: the project's modules import each other without a cycle (imports inside functions included), shared
+modules never import a script, and each module imports on its own in a fresh interpreter, doing no work."""
+import ast
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+MODULES = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith(".py"))
+# the scripts a user runs; everything else is a shared module, which must not import them (STYLE.md)
+SCRIPTS = {m for m in MODULES if m.startswith(("train_", "time_", "evaluate", "demo", "bench_"))}
+
+
+def project_imports(module):
+    """The project modules `module` imports anywhere in its file (top level or inside a function)."""
+    tree = ast.parse(open(os.path.join(REPO, module + ".py")).read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(MODULES) - {module}
+
+
+def test_import_graph_is_acyclic_and_points_from_scripts_to_shared_modules():
+    graph = {m: project_imports(m) for m in MODULES}
+    done, visiting = set(), []
+
+    def visit(m):  # depth-first; a module met again on the current path closes a cycle
+        if m in visiting:
+            raise AssertionError("import cycle: " + " -> ".join(visiting[visiting.index(m):] + [m]))
+        if m not in done:
+            visiting.append(m)
+            for n in sorted(graph[m]):
+                visit(n)
+            visiting.pop()
+            done.add(m)
+    for m in MODULES:
+        visit(m)
+    upward = {m: sorted(graph[m] & SCRIPTS) for m in MODULES if m not in SCRIPTS and graph[m] & SCRIPTS}
+    assert not upward, f"shared modules importing scripts: {upward}"
+    assert {"common", "voc", "fileio", "engine", "distill"} <= set(MODULES) - SCRIPTS
+
+
+def test_each_module_imports_alone_and_does_no_work(tmp_path):
+    """Each module imported by itself (the project's modules forgotten in between), in a fresh interpreter started in
+    an empty folder: nothing raises and nothing is written."""
+    code = ("import importlib, sys\n"
+            f"sys.path.insert(0, {REPO!r})\n"
+            f"for m in {MODULES!r}:\n"
+            f"    for name in {MODULES!r}:\n"
+            "        sys.modules.pop(name, None)\n"
+            "    importlib.import_module(m)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "" and os.listdir(tmp_path) == []
