@@ -52,6 +52,9 @@ def get_args_parser():
                         help="timed training steps per strategy, after --warmup (default: %(default)s)")
     parser.add_argument("--warmup", type=flags.non_negative_int, default=3,
                         help="untimed steps first (allocator, cuDNN autotuning) (default: %(default)s)")
+    parser.add_argument("--rounds", type=flags.positive_int, default=5,
+                        help="the timed steps are taken in this many rounds, every strategy its share in turn, so a "
+                             "machine whose speed drifts slows all alike (default: %(default)s)")
     engine.add_amp_arg(parser)
     parser.add_argument("--memory-format", choices=("channels_last", "contiguous", "both"), default="channels_last",
                         help="layout of the training step; both: each strategy in both layouts (default: %(default)s)")
@@ -85,31 +88,48 @@ class Take:
         return (batch for _, batch in zip(range(self.n), self.loader))
 
 
-def train_throughput(model, compute_loss, dataset, cfg, warmup, steps, adapters=None):
-    """(img/s, data-wait fraction) of `steps` steps of engine.train_one_epoch, after `warmup` untimed steps."""
-    adapters = adapters if adapters is not None else nn.ModuleDict()
-    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(cfg.device, memory_format=layout)
-    net = engine.TrainModule(model, adapters.to(cfg.device))
-    optimizer = torch.optim.Adam(list(model.parameters()) + list(adapters.parameters()), lr=1e-4)
-    scaler = torch.amp.GradScaler(cfg.device.type) if cfg.precision == "fp16" else None
-    for batches, progress in ((warmup, engine.EpochProgress(0)), (steps, engine.EpochProgress(1))):
-        if batches == 0:
-            continue
-        loader = engine.make_loader(dataset, cfg.batch_size, cfg.data.workers, shuffle=True,
-                                    generator=torch.Generator().manual_seed(progress.epoch))
-        engine.train_one_epoch(net, compute_loss, Take(loader, batches), optimizer, scaler, progress, cfg)
-        if cfg.device.type == "cuda":
+class Trainee:
+    """One strategy's student, optimizer and loss, trained a few engine.train_one_epoch steps at a time, in turns with
+    the other strategies; `timed` adds up the timed steps' images, seconds and data wait."""
+
+    def __init__(self, model, compute_loss, cfg, logits, adapters=None):
+        adapters = adapters if adapters is not None else nn.ModuleDict()
+        model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        self.net = engine.TrainModule(model, adapters.to(cfg.device))
+        self.optimizer = torch.optim.Adam(list(model.parameters()) + list(adapters.parameters()), lr=1e-4)
+        self.scaler = torch.amp.GradScaler(cfg.device.type) if cfg.precision == "fp16" else None
+        self.compute_loss, self.cfg, self.logits = compute_loss, cfg, logits
+        self.timed = engine.EpochProgress(1)
+
+    def train(self, dataset, batches, seed, progress):
+        dataset.teacher_logits = self.logits  # (the loader's workers copy the dataset when they start)
+        loader = engine.make_loader(dataset, self.cfg.batch_size, self.cfg.data.workers, shuffle=True,
+                                    generator=torch.Generator().manual_seed(seed))
+        engine.train_one_epoch(self.net, self.compute_loss, Take(loader, batches), self.optimizer, self.scaler,
+                               progress, self.cfg)
+        if self.cfg.device.type == "cuda":
             torch.cuda.synchronize()
-    return progress.images / progress.seconds, progress.wait / progress.seconds
+
+
+def train_in_turns(trainees, dataset, warmup, steps, rounds):
+    """{key: (img/s, data-wait fraction)} of `steps` timed steps per trainee, after `warmup` untimed ones, taken in
+    `rounds` rounds in which every trainee trains its share in turn: a machine whose speed drifts (a shared CPU, a
+    GPU warming up) slows every strategy alike, so their ratios hold."""
+    for trainee in trainees.values():
+        if warmup:
+            trainee.train(dataset, warmup, 0, engine.EpochProgress(0))
+    for r in range(rounds):
+        share = steps // rounds + (r < steps % rounds)
+        for trainee in trainees.values():
+            trainee.train(dataset, share, r + 1, trainee.timed)
+    return {key: (t.timed.images / t.timed.seconds, t.timed.wait / t.timed.seconds) for key, t in trainees.items()}
 
 
 CACHED = ("response-kd", "cwd", "dist")  # the strategies that read the teacher-logit cache
 
 
-def strategy_losses(name, criterion, teacher, teacher_dtype, dataset, cache):
+def strategy_losses(name, criterion, teacher, teacher_dtype):
     """(compute_loss, adapters) of one strategy with its script's default weights, as the script builds them."""
-    dataset.teacher_logits = cache if name in CACHED else None
     if name == "baseline":
         return train_baseline.make_compute_loss(criterion), None
     module = {"response-kd": train_response_kd, "cwd": train_cwd, "dist": train_dist,
@@ -157,17 +177,20 @@ def main(args):
             result["teacher_cache_build_img_s"] = len(dataset) / cache.build_s
             print(f"teacher-logit cache build: {result['teacher_cache_build_img_s']:.1f} img/s", flush=True)
         layouts = ("channels_last", "contiguous") if args.memory_format == "both" else (args.memory_format,)
+        trainees = {}
         for name in strategies:
             for layout in layouts:
                 cfg = bench_config(device, data, args.batch_size, precision, layout == "channels_last")
                 torch.manual_seed(0)
                 student = common.build_student(data.num_classes, pretrained=False)
-                compute_loss, adapters = strategy_losses(name, criterion.to(device), teacher, teacher_dtype, dataset,
-                                                         cache)
-                img_s, wait = train_throughput(student, compute_loss, dataset, cfg, args.warmup, args.steps, adapters)
+                compute_loss, adapters = strategy_losses(name, criterion.to(device), teacher, teacher_dtype)
                 key = name if len(layouts) == 1 else f"{name} {layout}"
-                result["train"][key] = {"img_s": img_s, "data_wait_frac": wait}
-                print(f"{key:>28s}: {img_s:8.1f} img/s, data wait {100 * wait:4.1f}%", flush=True)
+                trainees[key] = Trainee(student, compute_loss, cfg, cache if name in CACHED else None, adapters)
+        rounds = min(args.rounds, args.steps)
+        for key, (img_s, wait) in train_in_turns(trainees, dataset, args.warmup, args.steps, rounds).items():
+            result["train"][key] = {"img_s": img_s, "data_wait_frac": wait}
+            print(f"{key:>28s}: {img_s:8.1f} img/s, data wait {100 * wait:4.1f}%", flush=True)
+        result["rounds"] = rounds
     if args.json:
         fileio.write_json(args.json, result)
     print(json.dumps(result, separators=(",", ":")))

@@ -246,3 +246,22 @@ def test_cache_fidelity_is_exact_without_augmentation_and_measures_the_warp(data
     dataset.augment = True  # crops at another scale: the warped cache approximates the teacher's view of the crop
     warped = distill.cache_fidelity(teacher, dataset, cache, cpu, "fp32", batch_size=4)
     assert warped["kl_live_cached"] > same["kl_live_cached"] and dataset.teacher_logits is None
+
+
+def test_feature_kd_probe_reports_each_term_against_ce(data_dir, toy_teacher, tmp_path, capsys):
+    """tools/feature_kd_probe.py on a 1-epoch feature-KD run: gradient norms of every term and each feature term's
+    cosine with CE, for the fresh and the trained student; the last stdout line is that JSON."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import feature_kd_probe
+    out = tmp_path / "run"
+    train_feature_kd.main(train_feature_kd.get_args_parser().parse_args(
+        small_run_args(data_dir, out, "--teacher-weights", toy_teacher, "--limit-train", "8", "--image-size", "32",
+                       "--epochs", "1")))
+    result = feature_kd_probe.main(feature_kd_probe.get_args_parser().parse_args([str(out), "--batches", "1"]))
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert set(result) == {"start", "after epoch 0"}
+    for figures in result.values():
+        assert set(figures) == {"ce_grad_norm", "feat_stage16_grad_norm", "feat_stage16_cos_with_ce",
+                                "feat_head_grad_norm", "feat_head_cos_with_ce"}
+        assert all(v > 0 for k, v in figures.items() if k.endswith("norm"))
+        assert all(-1 <= v <= 1 for k, v in figures.items() if k.endswith("cos_with_ce"))

@@ -50,8 +50,10 @@ def probe(student, adapters, compute_loss, loader, batches, weights):
             break
         grads = term_gradients(compute_loss, net, batch, weights)
         for name, g in grads.items():
-            cos = torch.nn.functional.cosine_similarity(g, grads["ce"], dim=0).item()
-            for key, value in ((f"{name}_grad_norm", g.norm().item()), (f"{name}_cos_with_ce", cos)):
+            values = {f"{name}_grad_norm": g.norm().item()}
+            if name != "ce":
+                values[f"{name}_cos_with_ce"] = torch.nn.functional.cosine_similarity(g, grads["ce"], dim=0).item()
+            for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value / batches
     return sums
 
