@@ -280,7 +280,8 @@ def main(args):
         raise SystemExit("error: give --weights PATH [PATH ...] or --runs RUN_DIR [RUN_DIR ...]")
     if args.browse and "RANK" in os.environ:
         raise SystemExit("error: --browse is interactive: run it without torchrun (other output flags work under it)")
-    check_outputs(args, several=len(weights) > 1)
+    if int(os.environ.get("RANK", 0)) == 0:  # (before the process group exists) rank 0 alone writes the outputs
+        check_outputs(args, several=len(weights) > 1)
     if len(weights) == 1:
         return evaluate_weights(args, weights[0])["metrics"]
     single = [f for f in ("json", "save_predictions", "save_vis", "html", "analysis", "browse") if getattr(args, f)]

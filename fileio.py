@@ -21,9 +21,11 @@ def warn(message):
 
 
 def atomic_write(path, write_fn):
-    """Write via a temporary file in the same folder, fsync, then rename: readers see old or new, never half."""
+    """Write via a temporary file in the same folder (created if missing), fsync, then rename: readers see old or new,
+    never half."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_fn(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -110,8 +112,11 @@ def check_output_dir(path, flag, given=None):
         where = "" if parent == path and not given else f": {parent}"
         raise SystemExit(f"error: {shown}{where} is a file, not a folder; choose another {flag}")
     try:
-        for folder in made:
-            os.mkdir(folder)
+        for folder in list(made):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:  # another process made it meanwhile: not ours to remove
+                made.remove(folder)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
         with open(probe, "w"):
             pass

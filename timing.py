@@ -432,5 +432,6 @@ def plot_timing(results, path):
     axes[1].set(xlabel="median latency (ms, log)", ylabel="val mIoU (%)", title="Speed vs accuracy")
     axes[1].grid(alpha=0.3)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # (checked writable at the start)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -375,4 +375,20 @@ def test_check_output_dir_creates_nothing_that_stays(tmp_path):
     fileio.check_output_dir(str(tmp_path / "a" / "b" / "c"), "--out-dir")
     assert os.listdir(tmp_path) == []
     fileio.check_output_dir(str(tmp_path), "--out-dir")
+    fileio.check_output_file(str(tmp_path / "a" / "m.json"), "--json")
     assert os.listdir(tmp_path) == []
+    fileio.write_json(str(tmp_path / "a" / "m.json"), {"miou": 1.0})  # the writer makes the folder it was checked for
+    assert json.loads((tmp_path / "a" / "m.json").read_text()) == {"miou": 1.0}
+    # another process (a torchrun rank) makes the folder between the check's look and its mkdir: no error, and the
+    # folder, not the check's to remove, stays
+    real_mkdir = os.mkdir
+
+    def racing_mkdir(path, *a):
+        real_mkdir(path, *a)
+        raise FileExistsError(path)
+    os.mkdir = racing_mkdir
+    try:
+        fileio.check_output_dir(str(tmp_path / "c"), "--out-dir")
+    finally:
+        os.mkdir = real_mkdir
+    assert (tmp_path / "c").is_dir() and os.listdir(tmp_path / "c") == []
