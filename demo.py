@@ -49,6 +49,8 @@ def get_args_parser():
     parser.add_argument("--batch-size", type=flags.positive_int, default=8, help="batch size (default: %(default)s)")
     parser.add_argument("--lr", type=flags.positive_float, default=2e-3,
                         help="Adam lr for every run; 2e-3 suits the from-scratch toy runs (default: %(default)s)")
+    parser.add_argument("--limit-val", type=flags.positive_int, default=None,
+                        help="validate every run on the first N val images only (a quick look; default: all)")
     parser.add_argument("--limit-train", type=flags.positive_int, default=None,
                         help="train every run on the first N training images only (a quick look; default: all)")
     parser.add_argument("--all", action="store_true",
@@ -149,7 +151,8 @@ def main(args):
     shared = ["--data-dir", args.data_dir, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
               "--lr", str(args.lr)] + ([] if args.real else ["--toy"])
     shared += ([] if args.pretrained else ["--no-pretrained"]) \
-        + ([] if args.limit_train is None else ["--limit-train", str(args.limit_train)])
+        + ([] if args.limit_train is None else ["--limit-train", str(args.limit_train)]) \
+        + ([] if args.limit_val is None else ["--limit-val", str(args.limit_val)])
     runs, teacher_flag = {}, []
     if args.teacher_epochs > 0:
         runs["teacher"] = [os.path.join(args.out_dir, "teacher")]

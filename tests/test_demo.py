@@ -12,7 +12,7 @@ import demo
 def test_demo_table_summarises_every_seed(data_dir, tmp_path):
     out = tmp_path / "demo"
     argv = ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1", "--teacher-epochs", "1",
-            "--image-size", "32", "--limit-train", "16", "--seeds", "0,1", "--live-kd"]
+            "--image-size", "32", "--limit-train", "16", "--limit-val", "20", "--seeds", "0,1", "--live-kd"]
     rows = demo.main(demo.get_args_parser().parse_args(argv))
     # feature KD (live teacher) only with --all; its script's CLI is covered in test_distillation
     assert [r["model"] for r in rows] == ["teacher", "baseline", "response-kd", "cwd", "dist", "response-kd-live"]
