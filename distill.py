@@ -1,4 +1,5 @@
-"""What both distillation scripts share: the frozen teacher (its flags and precision) and the teacher-logit cache.
+"""What the distillation scripts share: their set-up, the frozen teacher (its flags and precision), the teacher-logit
+cache, and the teacher's and student's logits at the teacher's stride 8 (CWD, DIST).
 
 The cache holds the teacher's stride-8 logits of every training image (resized to --image-size, no augmentation);
 at train time each sample's augmentation grid resamples them, so the soft targets follow the crop/scale/flip.
@@ -71,7 +72,7 @@ class DistillationRun(typing.NamedTuple):
 
 
 def setup_distillation(args, strategy):
-    """The start both KD scripts share: device, the teacher's precision, the run's config, the teacher and the student
+    """The start every KD script shares: device, the teacher's precision, the run's config, the teacher and the student
     (their weights before any slow data work), the datasets and the class-weighted CE."""
     cfg = engine.setup(args, strategy)
     teacher_dtype = resolve_teacher_dtype(args.teacher_dtype, cfg.device)
