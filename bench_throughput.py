@@ -22,6 +22,7 @@ import torch.nn as nn
 import common
 import distill
 import engine
+import errors
 import fileio
 import flags
 import train_baseline
@@ -149,8 +150,8 @@ def strategy_losses(name, criterion, teacher, teacher_dtype):
 
 def main(args):
     if args.cache_dir:
-        raise SystemExit("error: --cache-dir: the benchmark builds its caches in a temporary folder, so that the "
-                         "teacher-logit cache build is timed; drop the flag")
+        raise errors.UserError("--cache-dir: the benchmark builds its caches in a temporary folder, so that the "
+                               "teacher-logit cache build is timed; drop the flag")
     if args.json:
         fileio.check_output_file(args.json, "--json")
     device = init_distributed(args.device)
@@ -161,8 +162,8 @@ def main(args):
         data = dataclasses.replace(data, cache_dir=tmp, limit_train=min(needed, data.limit_train or needed))
         dataset = common.build_datasets(data, splits=("train",))["train"]
         if len(dataset) < needed:
-            raise SystemExit(f"error: the training set has {len(dataset)} images, --warmup + --steps need "
-                             f"{needed} at --batch-size {args.batch_size}; lower --steps")
+            raise errors.UserError(f"the training set has {len(dataset)} images, --warmup + --steps need "
+                                   f"{needed} at --batch-size {args.batch_size}; lower --steps")
         criterion = nn.CrossEntropyLoss(ignore_index=common.IGNORE_INDEX)
         teacher = common.build_teacher(data.num_classes, pretrained=False).eval().requires_grad_(False)
         teacher.to(device, memory_format=torch.channels_last)
@@ -217,4 +218,4 @@ def describe(device):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.main_entry(main, get_args_parser)

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import errors
 import fileio
 import flags
 import sbd
@@ -37,15 +38,15 @@ def resolve_data_root(data_dir, toy, download):
     root = voc.find_voc_root(data_dir)
     if root is None:
         if not download:
-            raise SystemExit(
-                f"error: no VOC dataset under --data-dir {data_dir} (expected "
+            raise errors.UserError(
+                f"no VOC dataset under --data-dir {data_dir} (expected "
                 f"VOCdevkit/VOC2012/{{JPEGImages,SegmentationClass,ImageSets/Segmentation}}); "
                 f"drop --no-download to fetch it, or pass --toy")
         voc.download_voc(data_dir)
         root = voc.find_voc_root(data_dir)
         if root is None:
-            raise SystemExit(f"error: {data_dir}: the VOC tar extracted but VOCdevkit/VOC2012 is incomplete; "
-                             f"delete it and run again")
+            raise errors.UserError(f"{data_dir}: the VOC tar extracted but VOCdevkit/VOC2012 is incomplete; "
+                                   f"delete it and run again")
     return root
 
 
@@ -103,11 +104,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """VOC-format split read from a voc.PixelCache.
 
     train=True: random scale/crop/flip to image_size; items hold image, mask (S, S) and the grid.
-    train=False: image resized to image_size; mask at original resolution (or eval_size x eval_size)."""
+    train=False: image resized to image_size; mask at original resolution (or eval_size x eval_size); with scales
+    (multi-scale evaluation) also "views": the image resized the same way to scaled_size(image_size, s) per scale."""
 
-    def __init__(self, cache, image_size, train, eval_size=None, seed=0, limit=None):
+    def __init__(self, cache, image_size, train, eval_size=None, seed=0, limit=None, scales=None):
         self.cache, self.image_size, self.train = cache, image_size, train
         self.eval_size, self.seed, self.epoch = eval_size, seed, 0
+        self.scales = scales
         self.augment = train
         self.indices = list(range(len(cache) if limit is None else min(limit, len(cache))))
         self.teacher_logits = None  # optional: index -> cached teacher logits (response KD's TeacherLogitCache)
@@ -125,6 +128,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.augment else None
         grid = sample_grid(img.shape[0], img.shape[1], self.image_size, rng)
         item = {"image": warp_image(img, grid), "index": i}
+        if self.scales is not None:
+            h, w = img.shape[:2]
+            item["views"] = tuple(item["image"] if s == 1 else
+                                  warp_image(img, sample_grid(h, w, scaled_size(self.image_size, s)))
+                                  for s in self.scales)
         if self.train:
             item["mask"] = warp_mask(mask, grid)
             item["grid"] = grid
@@ -137,13 +145,30 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return item
 
 
+def scaled_size(image_size, scale):
+    """The input size of one scale of multi-scale evaluation: round(image_size * scale)."""
+    return round(image_size * scale)
+
+
+def check_scales(scales, image_size):
+    """--scales: every scaled input must be a size the networks take."""
+    small = [s for s in scales if scaled_size(image_size, s) < flags.MIN_IMAGE_SIZE]
+    if small:
+        raise errors.UserError(f"--scales {','.join(f'{s:g}' for s in small)} at --image-size {image_size} gives "
+                               f"inputs under {flags.MIN_IMAGE_SIZE} px; use scales >= "
+                               f"{flags.MIN_IMAGE_SIZE / image_size:.3g} or a larger --image-size")
+
+
 def collate(items):
-    """Stack everything except masks of different sizes (validation at original resolution)."""
+    """Stack everything except masks of different sizes (validation at original resolution); "views" become one
+    stacked batch per scale."""
     batch = {}
     for key in items[0]:
         values = [it[key] for it in items]
         if key == "mask" and len({tuple(v.shape) for v in values}) > 1:
             batch[key] = values
+        elif key == "views":
+            batch[key] = [torch.stack(scale) for scale in zip(*values)]
         elif isinstance(values[0], torch.Tensor):
             batch[key] = torch.stack(values)
         else:
@@ -315,8 +340,8 @@ def load_torchvision_weights(weights):
     try:
         return weights.get_state_dict(progress=True, check_hash=False)
     except (urllib.error.URLError, OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise SystemExit(f"error: cannot load pretrained weights {filename} ({e}); download {weights.url} "
-                         f"to {path}, or run with --no-pretrained")
+        raise errors.UserError(f"cannot load pretrained weights {filename} ({e}); download {weights.url} "
+                               f"to {path}, or run with --no-pretrained")
     finally:
         socket.setdefaulttimeout(old_timeout)
 
@@ -388,21 +413,21 @@ def read_checkpoint(path, flag="--weights"):
     import pickle
     import zipfile
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {flag} {path}: no such file")
+        raise errors.UserError(f"{flag} {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise SystemExit(f"error: {flag} {path} refused: it holds pickled Python objects beyond tensors and plain "
-                         f"types, and loading those could run code ({str(e).splitlines()[0][:160]}); use a checkpoint "
-                         f"written by this repo or a plain state_dict")
+        raise errors.UserError(f"{flag} {path} refused: it holds pickled Python objects beyond tensors and plain "
+                               f"types, and loading those could run code ({str(e).splitlines()[0][:160]}); use a "
+                               f"checkpoint written by this repo or a plain state_dict")
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         other = ("start a new run from the weights of another file of that run (best.pth, epoch_NNN.pth) with "
                  "--init-weights PATH" if flag == "--resume" else
                  f"use another checkpoint with {flag} (e.g. the run's best.pth or epoch_NNN.pth)")
-        raise SystemExit(f"error: {flag} {path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); "
-                         f"it may be truncated: {other}")
+        raise errors.UserError(f"{flag} {path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); "
+                               f"it may be truncated: {other}")
     if not isinstance(ckpt, dict) or not ckpt:
-        raise SystemExit(f"error: {flag} {path} holds a {type(ckpt).__name__}, not a checkpoint dict or state_dict")
+        raise errors.UserError(f"{flag} {path} holds a {type(ckpt).__name__}, not a checkpoint dict or state_dict")
     return ckpt
 
 
@@ -419,7 +444,7 @@ def load_model(path, flag="--weights", expect_arch=None):
     ckpt = read_checkpoint(path, flag)
     state = ckpt["model"] if "model" in ckpt and isinstance(ckpt["model"], dict) else ckpt
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SystemExit(f"error: {flag} {path} is a dict but holds no model weights (no 'model' state_dict)")
+        raise errors.UserError(f"{flag} {path} is a dict but holds no model weights (no 'model' state_dict)")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
     if "classifier.weight" in state and "head.0.weight" in state:
@@ -427,13 +452,13 @@ def load_model(path, flag="--weights", expect_arch=None):
     elif "classifier.4.weight" in state and "backbone.layer4.0.conv1.weight" in state:
         arch, num_classes = "teacher", state["classifier.4.weight"].shape[0]
     else:
-        raise SystemExit(f"error: {flag} {path} holds weights of an unknown architecture (neither the student "
-                         f"LightweightDeepLabV3 nor the FCN-ResNet50 teacher)")
+        raise errors.UserError(f"{flag} {path} holds weights of an unknown architecture (neither the student "
+                               f"LightweightDeepLabV3 nor the FCN-ResNet50 teacher)")
     if expect_arch is not None and arch != expect_arch:
-        raise SystemExit(f"error: {flag} {path} holds a {arch}, not a {expect_arch} checkpoint")
+        raise errors.UserError(f"{flag} {path} holds a {arch}, not a {expect_arch} checkpoint")
     model = Teacher(num_classes) if arch == "teacher" else build_student(num_classes, pretrained=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise SystemExit(f"error: {flag} {path} does not fit the {arch} architecture ({str(e).splitlines()[0]}...)")
+        raise errors.UserError(f"{flag} {path} does not fit the {arch} architecture ({str(e).splitlines()[0]}...)")
     return LoadedModel(model, arch, num_classes, ckpt)

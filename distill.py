@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import common
 import engine
+import errors
 import fileio
 from distributed import log, main_process_first
 
@@ -51,8 +52,8 @@ def build_frozen_teacher(weights, num_classes, device, precision):
     if weights is not None:
         loaded = common.load_model(weights, "--teacher-weights", expect_arch="teacher")
         if loaded.num_classes != num_classes:
-            raise SystemExit(f"error: --teacher-weights {weights} has {loaded.num_classes} classes but the data has "
-                             f"{num_classes}; teacher and student must agree on --num-classes")
+            raise errors.UserError(f"--teacher-weights {weights} has {loaded.num_classes} classes but the data has "
+                                   f"{num_classes}; teacher and student must agree on --num-classes")
         teacher = loaded.model
     else:
         teacher = common.build_teacher(num_classes, pretrained=True)

@@ -6,6 +6,8 @@ import contextlib
 import os
 
 import torch
+
+import errors
 import torch.distributed as dist
 
 
@@ -35,7 +37,7 @@ def init_distributed(device_flag):
     """The device of this process. Under torchrun (RANK set) also joins the process group: NCCL on CUDA, gloo on CPU.
     device_flag: --device as given (None: CUDA if available)."""
     if (device_flag or "").startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {device_flag} but CUDA is not available here; use --device cpu")
+        raise errors.UserError(f"--device {device_flag} but CUDA is not available here; use --device cpu")
     want_cuda = device_flag.startswith("cuda") if device_flag else torch.cuda.is_available()
     if "RANK" not in os.environ:
         return torch.device(device_flag or ("cuda" if want_cuda else "cpu"))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import errors
 import fileio
 import flags
 import plots
@@ -82,8 +83,28 @@ def add_amp_arg(parser):
 # ---------------------------------------------------------------------------------------------
 
 def add_training_args(parser, default_epochs=50):
-    """Flags of the shared training loop (every train_*.py)."""
-    flags.add_data_args(parser, "training")
+    """Flags of the shared training loop (every train_*.py): the recipe, the seed, and the run's folder and start."""
+    add_recipe_args(parser, default_epochs, seed=True)
+    parser.add_argument("--out-dir", default=None,
+                        help="run folder for checkpoints, history and plots (default: checkpoints/<strategy>_<time>)")
+    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                        help="continue a run from PATH, a last.pth (no PATH: OUT_DIR/last.pth)")
+    parser.add_argument("--init-weights", default=None, metavar="PATH",
+                        help="start a new run from the network weights of PATH (a run's best.pth, epoch_NNN.pth or "
+                             "last.pth; same architecture and classes); optimizer and schedule start fresh "
+                             "(default: pretrained weights, or random with --no-pretrained)")
+    return parser
+
+
+def recipe_dests():
+    """The names (argparse dests) of the recipe flags: what compare.py passes alike to every run."""
+    return set(vars(add_recipe_args(argparse.ArgumentParser(), seed=False).parse_args([])))
+
+
+def add_recipe_args(parser, default_epochs=50, seed=True):
+    """The training recipe: data, epochs, optimisation, precision, loop settings (a comparison gives every run the
+    same); seed=False leaves --seed to the script (compare.py's --seeds)."""
+    flags.add_data_args(parser, "training", seed=seed)
     pos_int, pos_float, nonneg_int, nonneg_float = (flags.positive_int, flags.positive_float,
                                                     flags.non_negative_int, flags.non_negative_float)
     parser.add_argument("--epochs", type=pos_int, default=default_epochs, help="epochs (default: %(default)s)")
@@ -100,14 +121,6 @@ def add_training_args(parser, default_epochs=50):
                         "images) or trainaug: + SBD, minus VOC val (10,582) (default: %(default)s)")
     parser.add_argument("--no-pretrained", action="store_true",
                         help="start from random weights instead of torchvision's pretrained ones")
-    parser.add_argument("--out-dir", default=None,
-                        help="run folder for checkpoints, history and plots (default: checkpoints/<strategy>_<time>)")
-    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                        help="continue a run from PATH, a last.pth (no PATH: OUT_DIR/last.pth)")
-    parser.add_argument("--init-weights", default=None, metavar="PATH",
-                        help="start a new run from the network weights of PATH (a run's best.pth, epoch_NNN.pth or "
-                             "last.pth; same architecture and classes); optimizer and schedule start fresh "
-                             "(default: pretrained weights, or random with --no-pretrained)")
     parser.add_argument("--save-every", type=pos_int, default=5,
                         help="also keep epoch_NNN.pth every N epochs (default: %(default)s)")
     add_amp_arg(parser)
@@ -157,7 +170,7 @@ def setup(args, strategy):
     data = common.data_config(args)
     precision = resolve_amp(args.amp, device)
     if args.sync_bn and device.type != "cuda":
-        raise SystemExit("error: --sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop it on CPU")
+        raise errors.UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop it on CPU")
     out_dir, resume = resolve_run_folder(args.out_dir, args.resume, strategy)
     if is_main():
         fileio.check_output_dir(out_dir, "--out-dir")  # before any slow work; leaves nothing behind
@@ -179,8 +192,8 @@ def load_initial_weights(model, path):
     arch = "teacher" if isinstance(model, common.Teacher) else "student"
     loaded = common.load_model(path, "--init-weights", expect_arch=arch)
     if loaded.num_classes != model.num_classes:
-        raise SystemExit(f"error: --init-weights {path} predicts {loaded.num_classes} classes, this run "
-                         f"{model.num_classes}; use weights trained with the same --num-classes")
+        raise errors.UserError(f"--init-weights {path} predicts {loaded.num_classes} classes, this run "
+                               f"{model.num_classes}; use weights trained with the same --num-classes")
     model.load_state_dict(loaded.model.state_dict())
     log(f"initial weights: {path}")
     return model
@@ -196,19 +209,19 @@ def resolve_run_folder(out_dir, resume, strategy):
     """(run folder, checkpoint to resume or None) from --out-dir / --resume; refuses to overwrite a run."""
     if resume:  # an explicit checkpoint path decides the run folder unless --out-dir says otherwise
         if not os.path.isfile(resume):
-            raise SystemExit(f"error: --resume {resume}: no such checkpoint")
+            raise errors.UserError(f"--resume {resume}: no such checkpoint")
         out_dir = out_dir or os.path.dirname(os.path.abspath(resume))
     if out_dir is None:
         if resume is not None:
-            raise SystemExit("error: --resume without PATH needs --out-dir (the run folder holding last.pth)")
+            raise errors.UserError("--resume without PATH needs --out-dir (the run folder holding last.pth)")
         out_dir = broadcast_object(os.path.join("checkpoints", f"{strategy}_{datetime.datetime.now():%Y%m%d-%H%M%S}"))
     if resume == "":
         resume = os.path.join(out_dir, "last.pth")
         if not os.path.isfile(resume):
-            raise SystemExit(f"error: --resume: {resume} does not exist; nothing to resume in --out-dir {out_dir}")
+            raise errors.UserError(f"--resume: {resume} does not exist; nothing to resume in --out-dir {out_dir}")
     elif resume is None and os.path.isfile(os.path.join(out_dir, "last.pth")):
-        raise SystemExit(f"error: --out-dir {out_dir} already holds a run (last.pth); pass --resume to "
-                         f"continue it or choose another --out-dir")
+        raise errors.UserError(f"--out-dir {out_dir} already holds a run (last.pth); pass --resume to "
+                               f"continue it or choose another --out-dir")
     return out_dir, resume  # created by train(), once data and models are ready: a failed start leaves nothing
 
 
@@ -270,23 +283,54 @@ def batches(loader):
         yield from loader
     except voc.DataProblem as e:
         # a worker's exception arrives as "Caught DataProblem in DataLoader worker ...\n<its traceback>"
-        raise SystemExit("error: " + str(e).rstrip().splitlines()[-1].split("DataProblem: ", 1)[-1]) from None
+        raise errors.UserError(str(e).rstrip().splitlines()[-1].split("DataProblem: ", 1)[-1]) from None
 
 
 @torch.no_grad()
-def compute_metrics(model, loader, device, num_classes, criterion=None, precision="fp32", on_prediction=None):
+def segment(model, views, sizes, device, precision="fp32", flip=False):
+    """Scores (1, C, H, W) of each image j of a batch at sizes[j] (its mask's size). views: the batch's inputs, one
+    (B, 3, h, w) tensor per scale. One view: its logits resized bilinearly (align_corners=False). Several (multi-scale,
+    and with flip each input's mirror too, whose logits are mirrored back): each view's logits resized the same way
+    and turned into probabilities, which are averaged; the scores are the log of that average. argmax(1) predicts.
+    Views run one at a time, so memory is one view's activations plus the images' accumulated probabilities."""
+    single = len(views) == 1 and not flip
+    scores = [None] * len(sizes)
+    for x in views:
+        x = x.to(device, non_blocking=True)
+        for mirrored in ((False, True) if flip else (False,)):
+            with autocast(device, precision):
+                logits = model(x.flip(-1) if mirrored else x).float()
+            if mirrored:
+                logits = logits.flip(-1)
+            for j, size in enumerate(sizes):
+                up = F.interpolate(logits[j:j + 1], size=size, mode="bilinear", align_corners=False)
+                if single:
+                    scores[j] = up
+                else:
+                    prob = up.softmax(1)
+                    scores[j] = prob if scores[j] is None else scores[j] + prob
+    if single:
+        return scores
+    n_views = len(views) * (2 if flip else 1)
+    return [(s / n_views).log() for s in scores]
+
+
+@torch.no_grad()
+def compute_metrics(model, loader, device, num_classes, criterion=None, precision="fp32", on_prediction=None,
+                    flip=False):
     """Metrics of model over loader (all-reduced under torchrun). Logits are resized to each mask's size (the image's
-    original resolution unless --eval-size) before argmax. on_prediction(index, pred uint8 HxW) sees each image."""
+    original resolution unless --eval-size) before argmax; batches holding "views" (a dataset with scales) are
+    evaluated at every scale, and with flip mirrored too (segment()). on_prediction(index, pred uint8 HxW) sees each
+    image."""
     model.eval()
     confmat = common.ConfusionMatrix(num_classes)
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync per image
     for batch in batches(loader):
-        with autocast(device, precision):
-            logits = model(batch["image"].to(device, non_blocking=True)).float()
         masks = batch["mask"] if isinstance(batch["mask"], list) else list(batch["mask"])
-        for j, mask in enumerate(masks):
+        views = batch["views"] if "views" in batch else [batch["image"]]
+        scores = segment(model, views, [m.shape[-2:] for m in masks], device, precision, flip)
+        for j, (mask, up) in enumerate(zip(masks, scores)):
             mask = mask.to(device)
-            up = F.interpolate(logits[j:j + 1], size=mask.shape[-2:], mode="bilinear", align_corners=False)
             pred = up.argmax(1)[0]
             confmat.update(mask, pred)
             if criterion is not None:  # an all-ignore mask has no loss (0/0); a diverged model's NaN stays NaN
@@ -412,8 +456,8 @@ def sync_point(sums, progress, bar, stop, cfg, t0):
     if bad and not cfg.skip_nonfinite:
         terms = ", ".join(k for k, v in sums.bad_terms.items() if k != "loss" and bool(v)) or "total"
         where = f"batch {first_bad}" if first_bad >= 0 else "a batch of another process"
-        raise SystemExit(f"error: non-finite loss at epoch {progress.epoch} {where} (terms: {terms}); "
-                         f"{restart_advice(cfg.out_dir, skip_nonfinite=True)}")
+        raise errors.UserError(f"non-finite loss at epoch {progress.epoch} {where} (terms: {terms}); "
+                               f"{restart_advice(cfg.out_dir, skip_nonfinite=True)}")
     if bad and first_bad >= 0:
         warnings.warn(f"epoch {progress.epoch}: non-finite loss at batch {first_bad}; its optimizer step is skipped "
                       f"(--skip-nonfinite)")
@@ -475,13 +519,13 @@ RESUME_MAY_CHANGE = {"workers", "device", "out_dir", "resume", "log_every", "sav
                      "skip_nonfinite", "channels_last", "data_dir"}
 
 
-def check_same_experiment(saved, current, path):
+def check_same_experiment(saved, current, path, what="--resume", advice="resume with the same flags or start a new "
+                          "--out-dir"):
     """--resume must continue the same experiment: one line listing every flag that differs."""
     diffs = [f"--{k.replace('_', '-')} {saved[k]} -> {current[k]}" for k in sorted(current)
              if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != current[k]]
     if diffs:
-        raise SystemExit(f"error: --resume {path} was trained with other settings ({'; '.join(diffs)}); resume with "
-                         f"the same flags or start a new --out-dir")
+        raise errors.UserError(f"{what} {path} was trained with other settings ({'; '.join(diffs)}); {advice}")
 
 
 def restore_checkpoint(path, model, adapters, optimizer, scheduler, scaler, cfg, arch):
@@ -489,14 +533,14 @@ def restore_checkpoint(path, model, adapters, optimizer, scheduler, scaler, cfg,
     ckpt = common.read_checkpoint(path, "--resume")
     missing = [k for k in ("optimizer", "scheduler", "rng", "epoch") if k not in ckpt]
     if missing:
-        raise SystemExit(f"error: --resume {path} holds weights only, no training state ({', '.join(missing)}), so no "
-                         f"run can continue from it; start a new run from its weights with --init-weights {path} and "
-                         f"another --out-dir")
+        raise errors.UserError(f"--resume {path} holds weights only, no training state ({', '.join(missing)}), so no "
+                               f"run can continue from it; start a new run from its weights with --init-weights {path} "
+                               f"and another --out-dir")
     for key, have in (("arch", arch), ("num_classes", cfg.data.num_classes), ("strategy", cfg.strategy)):
         was = ckpt.get(key) if key != "strategy" else ckpt.get("args", {}).get("strategy")
         if was != have:
-            raise SystemExit(f"error: --resume {path} is a run with {key}={was}, this one has {key}={have}; "
-                             f"resume with the same flags or start a new --out-dir")
+            raise errors.UserError(f"--resume {path} is a run with {key}={was}, this one has {key}={have}; "
+                                   f"resume with the same flags or start a new --out-dir")
     check_same_experiment(ckpt.get("args", {}), cfg.flags, path)
     model.load_state_dict(ckpt["model"])
     adapters.load_state_dict(ckpt["adapters"])
@@ -611,8 +655,8 @@ def check_not_diverged(model, metrics, epoch, out_dir):
     finite_weights = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     if not (math.isfinite(metrics["loss"]) and finite_weights):
         what = f"val loss {metrics['loss']}" if finite_weights else "non-finite weights"
-        raise SystemExit(f"error: the model diverged at epoch {epoch} ({what}); nothing of this epoch was saved. "
-                         f"{restart_advice(out_dir)}")
+        raise errors.UserError(f"the model diverged at epoch {epoch} ({what}); nothing of this epoch was saved. "
+                               f"{restart_advice(out_dir)}")
 
 
 def restart_advice(out_dir, skip_nonfinite=False):
@@ -656,8 +700,8 @@ def run_lock(out_dir):
             except FileExistsError:
                 holder = lock_holder(path)
                 if holder is not None:
-                    raise SystemExit(f"error: --out-dir {out_dir} is in use by another run (pid {holder}, {path}); "
-                                     f"wait for it to finish or choose another --out-dir")
+                    raise errors.UserError(f"--out-dir {out_dir} is in use by another run (pid {holder}, {path}); "
+                                           f"wait for it to finish or choose another --out-dir")
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)  # stale: its process is gone
     finally:
@@ -707,8 +751,8 @@ def finish_interrupted(save, state, cfg, arch, stop, where, saved=False):
     if is_main() and not saved:
         with stop.saving():
             save_checkpoint(make_checkpoint(*save, state, cfg, arch), last)
-    raise SystemExit(f"interrupted by {stop.signal}: saved {last} {where}; continue with the same command plus "
-                     f"--resume")
+    raise errors.Interrupted(f"interrupted by {stop.signal}: saved {last} {where}; continue with the same command "
+                             f"plus --resume", stop.signal)
 
 
 def format_epoch(rec):

@@ -4,7 +4,13 @@
     python evaluate.py --weights best.pth --data-dir ./data --json metrics.json --save-predictions preds/
     python evaluate.py --weights best.pth --toy --save-vis vis --analysis plots --html browse
     python evaluate.py --runs checkpoints/* --toy --comparison comparison      # several models, same images
+    python evaluate.py --weights best.pth --data-dir ./data --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip
+
+--scales/--flip: multi-scale (and mirrored) evaluation; each scale's input is the image resized as in the
+single-scale path but to round(image_size * s); every output's logits are resized bilinearly to the image's original
+resolution and turned into probabilities, averaged over scales and flips; the prediction is their argmax.
 """
+import time
 import argparse
 import dataclasses
 import html
@@ -19,6 +25,7 @@ from PIL import Image
 
 import common
 import engine
+import errors
 import fileio
 import flags
 import plots
@@ -38,6 +45,7 @@ def get_args_parser():
     flags.add_data_args(parser, "checkpoint")
     parser.add_argument("--split", default="val", help="ImageSets/Segmentation list to evaluate (default: %(default)s)")
     parser.add_argument("--batch-size", type=flags.positive_int, default=8, help="batch size (default: %(default)s)")
+    flags.add_multiscale_args(parser)
     engine.add_amp_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON to PATH")
     parser.add_argument("--save-predictions", default=None, metavar="DIR",
@@ -101,11 +109,11 @@ def save_panel(image, mask, pred, names, title, path):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     valid = mask != common.IGNORE_INDEX
-    errors = (image * 0.35).astype(np.uint8)
-    errors[valid & (pred != mask)] = (255, 40, 40)
-    errors[~valid] = (128, 128, 128)
+    wrong = (image * 0.35).astype(np.uint8)
+    wrong[valid & (pred != mask)] = (255, 40, 40)
+    wrong[~valid] = (128, 128, 128)
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
-    for ax, img, label in zip(axes, (image, colorize(mask), colorize(pred), errors),
+    for ax, img, label in zip(axes, (image, colorize(mask), colorize(pred), wrong),
                               ("image", "ground truth", "prediction", "errors (red), ignore (grey)")):
         ax.imshow(img)
         ax.set_title(label, fontsize=9)
@@ -121,17 +129,16 @@ def save_panel(image, mask, pred, names, title, path):
 
 
 @torch.no_grad()
-def predict_image(model, dataset, k, device):
-    """Prediction for dataset item k at its mask's resolution."""
+def predict_image(model, dataset, k, device, flip=False):
+    """Prediction for dataset item k at its mask's resolution (at the dataset's scales, mirrored too with flip)."""
     model.eval()
     item = dataset[k]
-    logits = model(item["image"][None].to(device)).float()
-    return torch.nn.functional.interpolate(logits, size=item["mask"].shape, mode="bilinear",
-                                           align_corners=False).argmax(1)[0].cpu().numpy()
+    views = [v[None] for v in item.get("views", (item["image"],))]
+    return engine.segment(model, views, [item["mask"].shape], device, flip=flip)[0].argmax(1)[0].cpu().numpy()
 
 
 @torch.no_grad()
-def save_visualisations(model, dataset, scores, names, device, out_dir, n):
+def save_visualisations(model, dataset, scores, names, device, out_dir, n, flip=False):
     """Panels of the worst and best images by per-image mIoU (predicted again, one image at a time)."""
     os.makedirs(out_dir, exist_ok=True)
     model.eval()
@@ -139,7 +146,7 @@ def save_visualisations(model, dataset, scores, names, device, out_dir, n):
     for rank, k in enumerate(select_worst_best(scores, n)):
         image, _ = dataset.cache.get(dataset.indices[k])
         mask = dataset[k]["mask"].numpy()
-        pred = predict_image(model, dataset, k, device)
+        pred = predict_image(model, dataset, k, device, flip)
         if image.shape[:2] != mask.shape:  # --eval-size: show the image at the metric's resolution
             image = common.warp_image(image, common.sample_grid(*image.shape[:2], mask.shape[0])).numpy()
             image = np.clip((image * np.array(common.IMAGENET_STD)[:, None, None] +
@@ -197,8 +204,8 @@ def write_html(out_dir, rows, title, summary, height=120):
 
 def check_display():
     if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-        raise SystemExit("error: --browse needs a display and this machine has none ($DISPLAY is unset); "
-                         "use --html DIR and open DIR/index.html in a browser instead")
+        raise errors.UserError("--browse needs a display and this machine has none ($DISPLAY is unset); "
+                               "use --html DIR and open DIR/index.html in a browser instead")
 
 
 def browse(dataset, predictions, scores, names):
@@ -277,17 +284,17 @@ def plot_analysis(metrics, names, out_dir):
 def main(args):
     weights = list(args.weights) + [os.path.join(r, "best.pth") for r in args.runs]
     if not weights:
-        raise SystemExit("error: give --weights PATH [PATH ...] or --runs RUN_DIR [RUN_DIR ...]")
+        raise errors.UserError("give --weights PATH [PATH ...] or --runs RUN_DIR [RUN_DIR ...]")
     if args.browse and "RANK" in os.environ:
-        raise SystemExit("error: --browse is interactive: run it without torchrun (other output flags work under it)")
+        raise errors.UserError("--browse is interactive: run it without torchrun (other output flags work under it)")
     if int(os.environ.get("RANK", 0)) == 0:  # (before the process group exists) rank 0 alone writes the outputs
         check_outputs(args, several=len(weights) > 1)
     if len(weights) == 1:
         return evaluate_weights(args, weights[0])["metrics"]
     single = [f for f in ("json", "save_predictions", "save_vis", "html", "analysis", "browse") if getattr(args, f)]
     if single:
-        raise SystemExit(f"error: --{single[0].replace('_', '-')} takes one model; run evaluate.py per model for it "
-                         f"(several --weights/--runs write a comparison to --comparison {args.comparison})")
+        raise errors.UserError(f"--{single[0].replace('_', '-')} takes one model; run evaluate.py per model for it "
+                               f"(several --weights/--runs write a comparison to --comparison {args.comparison})")
     results = [evaluate_weights(args, w, per_image=True) for w in weights]
     if is_main():
         write_comparison(results, args.comparison, min(args.num_vis, 4))
@@ -348,7 +355,7 @@ def write_comparison(results, out_dir, n_images):
         mask = first["dataset"][k]["mask"].numpy()
         panels = [(np.asarray(image), "image"), (colorize(mask), "ground truth")]
         for r in results:
-            pred = predict_image(r["model"], r["dataset"], k, r["device"])
+            pred = predict_image(r["model"], r["dataset"], k, r["device"], r["flip"])
             panels.append((colorize(pred), f"{r['strategy']} ({image_miou(mask, pred, len(names)):.0f})"))
         for ax, (img, title) in zip(axes[row], panels):
             ax.imshow(img)
@@ -367,7 +374,7 @@ def load_for_evaluation(args, weights):
     loaded = common.load_model(weights)
     trained = loaded.checkpoint.get("args", {})
     if args.num_classes != loaded.num_classes and args.num_classes != len(common.VOC_CLASSES):
-        raise SystemExit(f"error: --num-classes {args.num_classes} but {weights} predicts {loaded.num_classes} classes")
+        raise errors.UserError(f"--num-classes {args.num_classes} but {weights} predicts {loaded.num_classes} classes")
     data = common.data_config(args, trained_image_size=trained.get("image_size"))
     data = dataclasses.replace(data, num_classes=loaded.num_classes)
     device = init_distributed(args.device)
@@ -377,7 +384,9 @@ def load_for_evaluation(args, weights):
 def evaluate_weights(args, weights, per_image=False):
     """Evaluate one checkpoint with every per-model output the flags ask for; returns what a comparison needs."""
     loaded, data, device = load_for_evaluation(args, weights)
+    common.check_scales(args.scales, data.image_size)
     dataset = common.build_datasets(data, splits=(args.split,), augment_train=False)[args.split]
+    dataset.scales = args.scales
     loader = engine.make_loader(dataset, args.batch_size, data.workers)
     per_image = per_image or bool(args.save_vis or args.html or args.browse)
     scores, predictions = {}, {}  # dataset position -> per-image mIoU / prediction (for --browse)
@@ -396,8 +405,11 @@ def evaluate_weights(args, weights, per_image=False):
     if args.save_predictions:
         os.makedirs(args.save_predictions, exist_ok=True)
     model = loaded.model.to(device)
+    t0 = time.perf_counter()
     metrics = engine.compute_metrics(model, loader, device, loaded.num_classes,
-                                     precision=engine.resolve_amp(args.amp, device), on_prediction=on_prediction)
+                                     precision=engine.resolve_amp(args.amp, device), on_prediction=on_prediction,
+                                     flip=args.flip)
+    metrics["seconds"] = time.perf_counter() - t0
     names = class_names(loaded.num_classes)
     scores = gather_dict(scores)  # under torchrun each process scored its share of the images
     ordered = [scores[k] for k in range(len(dataset))] if per_image else None
@@ -407,13 +419,15 @@ def evaluate_weights(args, weights, per_image=False):
     return {"metrics": metrics, "weights": weights, "arch": loaded.arch,
             "strategy": loaded.checkpoint.get("args", {}).get("strategy", loaded.arch),
             "params": common.count_params(model), "names": names, "scores": ordered, "model": model,
-            "dataset": dataset, "device": device}
+            "dataset": dataset, "device": device, "flip": args.flip}
 
 
 def report(args, weights, loaded, data, metrics, names, precision):
     """The printed report (per-class IoU, most confused pairs, summary) and --json."""
+    views = (f"scales {','.join(f'{s:g}' for s in args.scales)}{' + flip' if args.flip else ''}"
+             if args.scales != (1.0,) or args.flip else "single scale")
     print(f"{loaded.arch} {weights} on {data.data_dir}{' (toy)' if data.toy else ''} [{args.split}], "
-          f"{metrics['num_images']} images, input {data.image_size}px, precision {precision}, "
+          f"{metrics['num_images']} images, input {data.image_size}px, {views}, precision {precision}, "
           f"metrics at {'original resolution' if not data.eval_size else f'{data.eval_size}px'}")
     print(f"{'class':>14s}  IoU")
     for name, iou in zip(names, metrics["iou_per_class"]):
@@ -422,11 +436,11 @@ def report(args, weights, loaded, data, metrics, names, precision):
     for true, pred, frac, pixels in most_confused_pairs(metrics["confusion"], names):
         print(f"  {true:>14s} -> {pred:<14s} {100 * frac:5.1f}%  ({pixels} px)")
     print(f"mIoU {metrics['miou']:.2f}  pixel acc {metrics['pixel_acc']:.2f}  "
-          f"mean class acc {metrics['mean_class_acc']:.2f}")
+          f"mean class acc {metrics['mean_class_acc']:.2f}  ({metrics['seconds']:.1f} s)")
     if args.json:
         fileio.write_json(args.json, {
             "weights": weights, "arch": loaded.arch, "split": args.split, "image_size": data.image_size,
-            "precision": precision, "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
+            "scales": list(args.scales), "flip": args.flip, "seconds": metrics["seconds"], "precision": precision, "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
             "mean_class_acc": metrics["mean_class_acc"], "num_images": metrics["num_images"],
             "iou_per_class": {n: (None if math.isnan(v) else v) for n, v in zip(names, metrics["iou_per_class"])}})
         print(f"wrote {args.json}")
@@ -441,7 +455,7 @@ def write_outputs(args, weights, loaded, model, dataset, metrics, names, ordered
         print(f"wrote {args.analysis}/per_class_iou.png and confusion.png")
     if args.save_vis:
         written = save_visualisations(model, dataset, ordered, names, device, args.save_vis,
-                                      min(args.num_vis, len(dataset)))
+                                      min(args.num_vis, len(dataset)), args.flip)
         print(f"wrote {len(written)} panels (worst and best images) to {args.save_vis}/")
     if args.html:
         write_html(args.html, [(dataset.cache.ids[k], ordered[k]) for k in range(len(dataset))],
@@ -466,4 +480,4 @@ def check_outputs(args, several):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.main_entry(main, get_args_parser)

@@ -14,6 +14,8 @@ import sys
 import threading
 import zlib
 
+import errors
+
 
 def warn(message):
     """One line on stderr, on a line of its own (a progress bar may be drawing on the current one)."""
@@ -34,8 +36,8 @@ def atomic_write(path, write_fn):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise SystemExit(f"error: no space left on the device writing {path}; the previous version of it is "
-                             f"intact. Free some space, then continue with --resume")
+            raise errors.UserError(f"no space left on the device writing {path}; the previous version of it is "
+                                   f"intact. Free some space, then continue with --resume")
         raise
 
 
@@ -110,7 +112,7 @@ def check_output_dir(path, flag, given=None):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         where = "" if parent == path and not given else f": {parent}"
-        raise SystemExit(f"error: {shown}{where} is a file, not a folder; choose another {flag}")
+        raise errors.UserError(f"{shown}{where} is a file, not a folder; choose another {flag}")
     try:
         for folder in list(made):
             try:
@@ -123,8 +125,8 @@ def check_output_dir(path, flag, given=None):
         os.remove(probe)
     except OSError as e:
         failed = f": {e.filename}" if e.filename in made[:-1] else ""  # a parent folder could not be made
-        raise SystemExit(f"error: {shown}: cannot {'create' if made else 'write to'} {'its folder' if given else 'it'} "
-                         f"({e.strerror}{failed}); choose a writable {flag}") from None
+        raise errors.UserError(f"{shown}: cannot {'create' if made else 'write to'} {'its folder' if given else 'it'} "
+                               f"({e.strerror}{failed}); choose a writable {flag}") from None
     finally:
         for folder in reversed(made):
             with contextlib.suppress(OSError):
@@ -134,7 +136,7 @@ def check_output_dir(path, flag, given=None):
 def check_output_file(path, flag):
     """check_output_dir() for the folder a file will be written to, and refuse a folder of the file's name."""
     if os.path.isdir(path):
-        raise SystemExit(f"error: {flag} {path} is a folder; give a file path")
+        raise errors.UserError(f"{flag} {path} is a folder; give a file path")
     check_output_dir(os.path.dirname(os.path.abspath(path)), flag, given=path)
 
 
@@ -148,10 +150,11 @@ def make_cache_dir(path, damage=None):
         os.remove(probe)
     except OSError as e:
         if damage:
-            raise SystemExit(f"error: {damage}, and it cannot be rebuilt in place ({e.strerror}); point --cache-dir at "
-                             f"a writable folder to rebuild it there, or delete {path} as a user who may") from None
-        raise SystemExit(f"error: cannot write the cache {path} ({e.strerror}); point --cache-dir at a writable folder "
-                         f"(the data folder itself may stay read-only)") from None
+            raise errors.UserError(f"{damage}, and it cannot be rebuilt in place ({e.strerror}); point --cache-dir at "
+                                   f"a writable folder to rebuild it there, or delete {path} as a user "
+                                   f"who may") from None
+        raise errors.UserError(f"cannot write the cache {path} ({e.strerror}); point --cache-dir at a writable folder "
+                               f"(the data folder itself may stay read-only)") from None
 
 
 @contextlib.contextmanager
@@ -159,8 +162,9 @@ def on_signal_exit(what, cleanup=()):
     """While building something slow (a cache): SIGINT/SIGTERM removes the half-written files in `cleanup` and exits
     with one line; the next run builds it again. Any other failure removes them too."""
     def handler(signum, frame):
-        raise SystemExit(f"interrupted by {signal.Signals(signum).name} while {what}; nothing half-built was kept, "
-                         f"the next run builds it again")
+        name = signal.Signals(signum).name
+        raise errors.Interrupted(f"interrupted by {name} while {what}; nothing half-built was kept, the next run "
+                                 f"builds it again", name)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -25,7 +25,30 @@ non_negative_int = checked(int, lambda v: v >= 0, ">= 0")
 positive_float = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
 non_negative_float = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 fraction = checked(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
-image_size = checked(int, lambda v: v >= 16, ">= 16 (the networks downsample by 16)")
+MIN_IMAGE_SIZE = 16
+image_size = checked(int, lambda v: v >= MIN_IMAGE_SIZE, f">= {MIN_IMAGE_SIZE} (the networks downsample by 16)")
+
+
+def scales(text):
+    """--scales: comma-separated distinct scale factors > 0, e.g. 0.5,0.75,1.0,1.25,1.5,1.75."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.5,1.0,1.5, got {text}") from None
+    if not all(0 < v < math.inf for v in values) or len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"must be distinct finite numbers > 0, got {text}")
+    return values
+
+
+def add_multiscale_args(parser):
+    """--scales and --flip of the final evaluation (evaluate.py, compare.py)."""
+    parser.add_argument("--scales", type=scales, default=(1.0,), metavar="S1,S2,...",
+                        help="evaluate at every scale: the image resized as usual but to round(image-size * S), the "
+                             "class probabilities at original resolution averaged over scales (mmsegmentation's "
+                             "multi-scale test, e.g. 0.5,0.75,1.0,1.25,1.5,1.75; default: 1.0, single scale)")
+    parser.add_argument("--flip", action="store_true",
+                        help="also evaluate each scale's horizontal mirror (its logits mirrored back) and average it in")
+    return parser
 
 # --image-size when it is not given, by what a script does with the images: the one place these defaults live
 REAL_IMAGE_SIZE, TOY_IMAGE_SIZE = 256, 128
@@ -45,10 +68,11 @@ def default_image_size(rule, toy, trained=None):
     return TOY_IMAGE_SIZE if toy else REAL_IMAGE_SIZE
 
 
-def add_data_args(parser, image_size_rule):
+def add_data_args(parser, image_size_rule, seed=True):
     """Flags that say which data to read (every script that touches data); image_size_rule: how --image-size defaults
     in this script (a key of IMAGE_SIZE_RULES), recorded for data_config() with the defaults of the training-only data
-    flags (a training script's own --limit-train and --train-set replace them)."""
+    flags (a training script's own --limit-train and --train-set replace them). seed=False: the script sets the seed
+    itself (compare.py's --seeds)."""
     parser.set_defaults(image_size_rule=image_size_rule, limit_train=None, train_set="train")
     parser.add_argument("--data-dir", default="./data", help="folder holding VOCdevkit/VOC2012 (downloaded here "
                         "on first use) and, with --toy, the synthetic set (default: %(default)s)")
@@ -68,7 +92,8 @@ def add_data_args(parser, image_size_rule):
     parser.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                         help="data loader worker processes (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     return parser
 
 

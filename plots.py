@@ -1,5 +1,6 @@
 """Plots of runs, always drawn from their history (as written to history.json), never from in-memory state: a run's
-loss.png and miou.png (engine, after every epoch), and several runs' val mIoU per epoch (evaluate.py --runs, demo.py).
+loss.png and miou.png (engine, after every epoch), several runs' val mIoU per epoch (evaluate.py --runs, compare.py),
+and a comparison's final mIoU per strategy (compare.py).
 """
 import os
 
@@ -32,6 +33,32 @@ def plot_runs_miou(histories, path):
     for label, history in histories.items():
         ax.plot([h["epoch"] for h in history], [h["val_miou"] for h in history], "o-", label=label)
     finish_plot(fig, ax, "val mIoU (%)", "Validation mIoU per run", path, legend_size=7)
+
+
+def plot_comparison(rows, teacher_miou, path):
+    """Final val mIoU per row, best first: bars at the mean over seeds with std error bars, each seed a dot, the
+    teacher a dashed line (compare.py's summary.png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted(rows, key=lambda r: -r["miou"])
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(rows) + 2), 4.2))
+    xs = range(len(rows))
+    seeds = max((r["seeds"] for r in rows), default=0)
+    ax.bar(xs, [r["miou"] for r in rows], yerr=[r["miou_std"] for r in rows], capsize=6, color="tab:blue",
+           alpha=0.7, label=f"student, mean +- std over {seeds} seed{'s' if seeds != 1 else ''}")
+    for x, r in zip(xs, rows):
+        ax.plot([x] * len(r["miou_runs"]), r["miou_runs"], "k.", label="one seed" if x == 0 else None)
+    if teacher_miou is not None:
+        ax.axhline(teacher_miou, color="tab:red", linestyle="--", label=f"teacher ({teacher_miou:.1f})")
+    ax.set_xticks(list(xs), [r["model"] for r in rows], rotation=20 if len(rows) > 5 else 0, ha="right"
+                  if len(rows) > 5 else "center", fontsize=8)
+    ax.set(ylabel="final val mIoU (%)", title="Students after the same epochs, data and seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def finish_plot(fig, ax, ylabel, title, path, legend_size=None):

@@ -7,6 +7,7 @@ import urllib.error
 
 import numpy as np
 
+import errors
 import fileio
 import voc
 
@@ -22,15 +23,15 @@ def sbd_root(data_dir, download=True):
     if os.path.isdir(os.path.join(root, "cls")):
         return root
     if not download:
-        raise SystemExit(f"error: --train-set trainaug needs SBD at {root}; drop --no-download to fetch it")
+        raise errors.UserError(f"--train-set trainaug needs SBD at {root}; drop --no-download to fetch it")
     from torchvision.datasets.utils import download_and_extract_archive
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(voc.DOWNLOAD_TIMEOUT_S)
     try:
         download_and_extract_archive(SBD_URL, data_dir, filename="benchmark.tgz", md5=SBD_MD5)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
-        raise SystemExit(f"error: could not download SBD ({e}); download benchmark.tgz (md5 {SBD_MD5}) from {SBD_URL} "
-                         f"and extract it in {os.path.abspath(data_dir)}/ (giving benchmark_RELEASE/dataset/)")
+        raise errors.UserError(f"could not download SBD ({e}); download benchmark.tgz (md5 {SBD_MD5}) from {SBD_URL} "
+                               f"and extract it in {os.path.abspath(data_dir)}/ (giving benchmark_RELEASE/dataset/)")
     finally:
         socket.setdefaulttimeout(old_timeout)
     return root
@@ -67,8 +68,8 @@ def read_sbd_mask(path):
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise SystemExit("error: reading SBD's .mat masks needs scipy: pip install scipy")
+        raise errors.UserError("reading SBD's .mat masks needs scipy: pip install scipy")
     try:
         return np.asarray(loadmat(path)["GTcls"][0]["Segmentation"][0], dtype=np.uint8)
     except (OSError, ValueError, KeyError, IndexError) as e:
-        raise SystemExit(f"error: cannot read SBD mask {path} ({e}); re-extract benchmark.tgz")
+        raise errors.UserError(f"cannot read SBD mask {path} ({e}); re-extract benchmark.tgz")

@@ -8,6 +8,7 @@
 import argparse
 
 import common
+import errors
 import flags
 import timing
 
@@ -46,4 +47,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.main_entry(main, get_args_parser)

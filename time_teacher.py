@@ -7,6 +7,7 @@
 import argparse
 
 import common
+import errors
 import timing
 
 
@@ -28,4 +29,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.main_entry(main, get_args_parser)

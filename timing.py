@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import common
 import engine
+import errors
 import fileio
 import flags
 from distributed import init_distributed
@@ -78,7 +79,7 @@ def export_onnx(model, path, image_size, verify=True):
         ref = model(x3).numpy()
     diff = float(np.abs(session.run(None, {"image": x3.numpy()})[0] - ref).max())
     if not diff < 1e-3:
-        raise SystemExit(f"error: ONNX export {path} differs from PyTorch by {diff:.2e} (max abs); not usable")
+        raise errors.UserError(f"ONNX export {path} differs from PyTorch by {diff:.2e} (max abs); not usable")
     return diff
 
 
@@ -254,8 +255,8 @@ def time_model(model, name, backends, device, image_size, batch_size, runs, warm
     for backend, reason in unavailable.items():
         print(f"{backend:>14s}: unavailable ({reason})")
     if not ready:
-        raise SystemExit(f"error: --backend {','.join(backends)}: none of them can run here (see above); "
-                         f"eager and onnxruntime run everywhere")
+        raise errors.UserError(f"--backend {','.join(backends)}: none of them can run here (see above); "
+                               f"eager and onnxruntime run everywhere")
     fns, counts = {b: fn for b, (fn, _) in ready.items()}, dict.fromkeys(ready, runs)
     teacher_ready = {}
     if teacher is not None:

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
+import errors
 import fileio
 from voc import IGNORE_INDEX, save_mask_png
 
@@ -87,8 +88,8 @@ def make_toy_voc(toy_dir, seed=0):
             if _stamp(stamp) != wanted:  # (another process may have generated it while we waited)
                 _generate(toy_dir, seed, wanted)
     except OSError as e:
-        raise SystemExit(f"error: cannot generate the toy set in {toy_dir} ({e.strerror}); point --data-dir at a "
-                         f"writable folder") from None
+        raise errors.UserError(f"cannot generate the toy set in {toy_dir} ({e.strerror}); point --data-dir at a "
+                               f"writable folder") from None
     return root
 
 

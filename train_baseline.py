@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import common
 import engine
+import errors
 
 
 def get_args_parser():
@@ -41,4 +42,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.main_entry(main, get_args_parser)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import common
 import distill
 import engine
+import errors
 import flags
 
 
@@ -87,4 +88,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.main_entry(main, get_args_parser)

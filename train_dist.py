@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import common
 import distill
 import engine
+import errors
 import flags
 
 
@@ -88,4 +89,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.main_entry(main, get_args_parser)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import distill
 import engine
+import errors
 import flags
 
 FEATURE_PAIRS = {"stage16": ("layer3", 112, 1024), "head": ("layer4", 256, 2048)}  # student: (teacher, c_s, c_t)
@@ -70,4 +71,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.main_entry(main, get_args_parser)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import errors
 import fileio
 
 IGNORE_INDEX = 255
@@ -76,10 +77,10 @@ def download_voc(data_dir, urls=VOC_URLS):
 
     os.makedirs(data_dir, exist_ok=True)
     tar_path = os.path.join(data_dir, VOC_TAR)
-    errors = []
+    failures = []
     if not check_integrity(tar_path, VOC_MD5):
         if os.path.exists(tar_path):
-            errors.append(f"{tar_path}: md5 mismatch (incomplete download?)")
+            failures.append(f"{tar_path}: md5 mismatch (incomplete download?)")
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
@@ -88,14 +89,14 @@ def download_voc(data_dir, urls=VOC_URLS):
                     download_url(url, data_dir, filename=VOC_TAR, md5=VOC_MD5, max_redirect_hops=5)
                     if check_integrity(tar_path, VOC_MD5):
                         break
-                    errors.append(f"{url}: md5 mismatch")
+                    failures.append(f"{url}: md5 mismatch")
                 except (urllib.error.URLError, OSError, RuntimeError, ValueError) as e:
-                    errors.append(f"{url}: {e}")
+                    failures.append(f"{url}: {e}")
         finally:
             socket.setdefaulttimeout(old_timeout)
     if not check_integrity(tar_path, VOC_MD5):
-        raise SystemExit(
-            f"error: could not download PASCAL VOC 2012 ({'; '.join(errors)}). Download {VOC_TAR} "
+        raise errors.UserError(
+            f"could not download PASCAL VOC 2012 ({'; '.join(failures)}). Download {VOC_TAR} "
             f"(md5 {VOC_MD5}) by hand and put it in {os.path.abspath(data_dir)}/, or put the extracted "
             f"VOCdevkit/ folder there; or run with --toy for the offline synthetic dataset.")
     print(f"extracting {tar_path} ...", file=sys.stderr)
@@ -111,16 +112,16 @@ def read_split_ids(root, split):
     """Image ids listed in ImageSets/Segmentation/<split>.txt."""
     path = os.path.join(root, "ImageSets", "Segmentation", split + ".txt")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} not found: the dataset has no '{split}' split list; "
-                         f"check --data-dir / --split")
+        raise errors.UserError(f"{path} not found: the dataset has no '{split}' split list; "
+                               f"check --data-dir / --split")
     with open(path) as f:
         ids = [line.strip() for line in f if line.strip()]
     if not ids:
-        raise SystemExit(f"error: {path} lists no images")
+        raise errors.UserError(f"{path} lists no images")
     return ids
 
 
-class DataProblem(Exception):
+class DataProblem(errors.UserError):
     """A bad image or mask file; the message names the file and what is wrong with it."""
 
 
@@ -132,8 +133,8 @@ def stop_on_problems(problems, what):
     if problems:
         shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
         more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
-        raise SystemExit(f"error: {len(problems)} problem(s) in {what}; fix, replace or remove these files from the "
-                         f"split list (ImageSets/Segmentation), then run again:\n  {shown}{more}")
+        raise errors.UserError(f"{len(problems)} problem(s) in {what}; fix, replace or remove these files from the "
+                               f"split list (ImageSets/Segmentation), then run again:\n  {shown}{more}")
 
 
 def read_image(path):

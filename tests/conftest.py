@@ -51,6 +51,15 @@ def no_process_left_behind():
         assert not left, f"processes left behind by the tests: {left}"
 
 
+@pytest.fixture
+def compile_workers_stopped():
+    """torch.compile's Inductor keeps a pool of compile-worker processes until the interpreter exits when the machine
+    has many cores (the 16-core GPU machine; not 2 cores): stop it after the test, as a script's exit does."""
+    yield
+    from torch._inductor import async_compile
+    async_compile.shutdown_compile_workers()
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A data dir holding the generated toy set (made once per test session)."""

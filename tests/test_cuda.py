@@ -134,7 +134,7 @@ BACKEND_PRECISION = {"channels_last": "fp32", "compile": "fp32", "onnxruntime": 
 
 
 @pytest.mark.parametrize("backend", sorted(BACKEND_PRECISION))
-def test_cuda_timing_backend_matches_eager(backend):
+def test_cuda_timing_backend_matches_eager(backend, compile_workers_stopped):
     torch.manual_seed(0)
     model = common.build_student(21, pretrained=False).eval().to(CUDA)
     x = torch.randn(2, 3, 128, 128, device=CUDA)

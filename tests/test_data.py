@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.datasets import VOCSegmentation
 
 import common
+import errors
 import toy_voc
 import voc
 from conftest import VOC_SAMPLE
@@ -67,7 +68,7 @@ def test_mask_with_out_of_range_values_names_the_file(toy_root, tmp_path):
     mask = np.asarray(Image.open(bad)).copy()
     mask[0, 0] = 30
     voc.save_mask_png(mask, bad)
-    with pytest.raises(SystemExit, match=r"toy_val_0003\.png.*\[30\]"):
+    with pytest.raises(errors.UserError, match=r"toy_val_0003\.png.*\[30\]"):
         voc.PixelCache(root, "val", str(tmp_path / "cache"))
 
 
@@ -75,10 +76,10 @@ def test_mask_of_wrong_size_and_missing_file(toy_root, tmp_path):
     root = _copy_toy(toy_root, tmp_path)
     bad = os.path.join(root, "SegmentationClass", "toy_val_0001.png")
     voc.save_mask_png(np.zeros((10, 10), np.uint8), bad)
-    with pytest.raises(SystemExit, match=r"toy_val_0001\.png is 10x10"):
+    with pytest.raises(errors.UserError, match=r"toy_val_0001\.png is 10x10"):
         voc.PixelCache(root, "val", str(tmp_path / "cache"))
     os.remove(os.path.join(root, "JPEGImages", "toy_val_0002.jpg"))
-    with pytest.raises(SystemExit, match=r"toy_val_0002\.jpg is listed in the split but missing"):
+    with pytest.raises(errors.UserError, match=r"toy_val_0002\.jpg is listed in the split but missing"):
         voc.PixelCache(root, "val", str(tmp_path / "cache"))
 
 
@@ -96,7 +97,7 @@ def test_cache_is_rebuilt_when_a_source_file_changes(toy_root, tmp_path):
 
 
 def test_download_failure_is_one_clear_message(tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(errors.UserError) as e:
         voc.download_voc(str(tmp_path), urls=("http://127.0.0.1:9/VOCtrainval_11-May-2012.tar",))
     msg = str(e.value)
     assert "VOCtrainval_11-May-2012.tar" in msg and str(tmp_path) in msg and "--toy" in msg

@@ -1,5 +1,5 @@
-"""demo.py end to end on a tiny budget: every run, the table's mean +- std against the runs' own history.json, the
-plots, and the cache fidelity with --live-kd."""
+"""demo.py end to end on a tiny budget (a preset of compare.py): every run, the table's mean +- std against the runs'
+own history.json, the plots, and the cache fidelity with --live-kd."""
 import json
 import statistics
 
@@ -15,8 +15,10 @@ def test_demo_table_summarises_every_seed(data_dir, tmp_path):
             "--image-size", "32", "--limit-train", "16", "--limit-val", "20", "--seeds", "0,1", "--live-kd"]
     rows = demo.main(demo.get_args_parser().parse_args(argv))
     # feature KD (live teacher) only with --all; its script's CLI is covered in test_distillation
-    assert [r["model"] for r in rows] == ["teacher", "baseline", "response-kd", "cwd", "dist", "response-kd-live"]
-    results = {r["model"]: r for r in json.loads((out / "results.json").read_text())}
+    assert [r["model"] for r in rows] == ["baseline", "response-kd", "cwd", "dist", "response-kd-live"]
+    report = json.loads((out / "results.json").read_text())
+    results = {r["model"]: r for r in report["rows"]}
+    assert report["teacher"]["miou"] == json.loads((out / "teacher" / "history.json").read_text())[-1]["val_miou"]
     for name in ("baseline", "response-kd", "cwd", "dist", "response-kd-live"):
         finals = [json.loads((out / f"{name}_seed{s}" / "history.json").read_text())[-1]["val_miou"]
                   for s in (0, 1)]
@@ -24,7 +26,9 @@ def test_demo_table_summarises_every_seed(data_dir, tmp_path):
         assert results[name]["miou"] == pytest.approx(statistics.mean(finals))
         assert results[name]["miou_std"] == pytest.approx(statistics.stdev(finals))
     table = (out / "results.md").read_text().splitlines()
-    assert table[0].startswith("| model | params (M) | seeds | final val mIoU (mean +- std) |") and len(table) == 8
+    assert table[0].startswith("| model | params (M) | seeds | final val mIoU (mean +- std) |")
+    assert [line.split(" | ")[0] for line in table[2:8]] == ["| teacher", "| baseline", "| response-kd", "| cwd",
+                                                             "| dist", "| response-kd-live"] and table[8] == ""
     for name in ("summary.png", "miou_all.png"):
         assert Image.open(out / name).size[0] >= 500
     fidelity = json.loads((out / "fidelity.json").read_text())

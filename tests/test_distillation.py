@@ -13,6 +13,7 @@ import torch
 import common
 import distill
 import engine
+import errors
 import train_baseline
 import train_cwd
 import train_dist
@@ -230,7 +231,7 @@ def test_teacher_with_other_class_count_is_refused(data_dir, tmp_path):
     torch.save({"model": common.Teacher(5).state_dict(), "arch": "teacher"}, teacher_ckpt)
     args = train_response_kd.get_args_parser().parse_args(
         small_run_args(data_dir, tmp_path / "run", "--teacher-weights", str(teacher_ckpt), "--epochs", "1"))
-    with pytest.raises(SystemExit, match="has 5 classes but the data has 21"):
+    with pytest.raises(errors.UserError, match="has 5 classes but the data has 21"):
         train_response_kd.main(args)
 
 

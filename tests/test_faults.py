@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import engine
+import errors
 import train_baseline
 import train_response_kd
 import voc
@@ -110,7 +111,7 @@ def test_non_finite_loss_stops_naming_batch_and_term_or_is_skipped():
         return ce + kd, {"ce": ce, "kd": kd}
     compute_loss.calls = 0
     net = torch.nn.ParameterList([weight])
-    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 3 batch 1 \(terms: kd\)"):
+    with pytest.raises(errors.UserError, match=r"non-finite loss at epoch 3 batch 1 \(terms: kd\)"):
         engine.train_one_epoch(net, compute_loss, _batches(3), opt, None, engine.EpochProgress(3), loop_config())
     compute_loss.calls = 0
     weight.data.fill_(1.0)
@@ -131,7 +132,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
             fh.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", no_space)
-    with pytest.raises(SystemExit, match="no space left on the device writing .*last.pth.*intact"):
+    with pytest.raises(errors.UserError, match="no space left on the device writing .*last.pth.*intact"):
         engine.save_checkpoint({"epoch": 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
@@ -144,7 +145,7 @@ def test_truncated_jpeg_is_named(toy_root, tmp_path):
     shutil.copytree(toy_root, root)
     jpg = root / "JPEGImages" / "toy_val_0007.jpg"
     jpg.write_bytes(jpg.read_bytes()[:300])
-    with pytest.raises(SystemExit, match=r"toy_val_0007\.jpg"):
+    with pytest.raises(errors.UserError, match=r"toy_val_0007\.jpg"):
         voc.PixelCache(str(root), "val", str(tmp_path / "cache"))
 
 
@@ -179,7 +180,7 @@ def test_bad_dataset_folder_and_flags_are_one_line_errors(tmp_path, toy_root, ca
     partial = tmp_path / "partial" / "VOCdevkit" / "VOC2012"  # a half-extracted dataset: no masks folder
     os.makedirs(partial / "JPEGImages")
     os.makedirs(partial / "ImageSets" / "Segmentation")
-    with pytest.raises(SystemExit, match="error: no VOC dataset under --data-dir"):
+    with pytest.raises(errors.UserError, match="no VOC dataset under --data-dir"):
         train_baseline.main(train_baseline.get_args_parser().parse_args(
             ["--data-dir", str(tmp_path / "partial"), "--no-download", "--no-pretrained",
              "--out-dir", str(tmp_path / "run")]))

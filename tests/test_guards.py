@@ -13,6 +13,7 @@ import torch
 import common
 import distill
 import engine
+import errors
 import evaluate
 import train_baseline
 import train_feature_kd
@@ -31,7 +32,7 @@ def test_second_run_on_the_same_folder_is_refused_naming_the_holder(data_dir, tm
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / "run.lock").write_text(str(holder.pid))
-        with pytest.raises(SystemExit, match=f"in use by another run \\(pid {holder.pid}"):
+        with pytest.raises(errors.UserError, match=f"in use by another run \\(pid {holder.pid}"):
             run_baseline(small_run_args(data_dir, out, "--epochs", "1", "--image-size", "32"))
         assert sorted(os.listdir(out)) == ["run.lock"]  # nothing of the second run was written
     finally:
@@ -44,7 +45,7 @@ def test_second_run_on_the_same_folder_is_refused_naming_the_holder(data_dir, tm
 
 def test_diverged_run_stops_and_never_saves_a_best_model(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match="non-finite loss|diverged"):
+    with pytest.raises(errors.UserError, match="non-finite loss|diverged"):
         run_baseline(small_run_args(data_dir, out, "--epochs", "3", "--image-size", "32", "--lr", "1e6"))
     assert not (out / "best.pth").exists()
     assert_flag_refused(train_baseline, ["--toy", "--lr", "inf"], capsys)
@@ -53,11 +54,11 @@ def test_diverged_run_stops_and_never_saves_a_best_model(data_dir, tmp_path, cap
 def test_check_not_diverged_against_nan_val_loss_and_weights(tmp_path):
     model = torch.nn.Linear(2, 2)
     engine.check_not_diverged(model, {"loss": 1.0}, 0, str(tmp_path))  # healthy: nothing happens
-    with pytest.raises(SystemExit, match="diverged at epoch 4 \\(val loss nan\\)"):
+    with pytest.raises(errors.UserError, match="diverged at epoch 4 \\(val loss nan\\)"):
         engine.check_not_diverged(model, {"loss": float("nan")}, 4, str(tmp_path))
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
-    with pytest.raises(SystemExit, match="non-finite weights"):
+    with pytest.raises(errors.UserError, match="non-finite weights"):
         engine.check_not_diverged(model, {"loss": 1.0}, 4, str(tmp_path))
 
 
@@ -66,7 +67,7 @@ def test_resume_with_other_experiment_flags_lists_the_differences(data_dir, tmp_
     base = small_run_args(data_dir, out, "--image-size", "32")
     run_baseline(base + ["--epochs", "1"])
     config = (out / "config.json").read_text()
-    with pytest.raises(SystemExit, match=r"--image-size 32 -> 64; --lr 0.0001 -> 0.001\)"):
+    with pytest.raises(errors.UserError, match=r"--image-size 32 -> 64; --lr 0.0001 -> 0.001\)"):
         run_baseline(base + ["--epochs", "2", "--resume", "--image-size", "64", "--lr", "1e-3"])
     assert (out / "config.json").read_text() == config  # untouched
     # flags that do not change the experiment may differ; the resume line says there is a best already
@@ -84,7 +85,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("MARKER_DIR", str(marker))
     evil = tmp_path / "best.pth"
     torch.save({"model": _RunsCode()}, evil)
-    with pytest.raises(SystemExit, match="refused: it holds pickled Python objects"):
+    with pytest.raises(errors.UserError, match="refused: it holds pickled Python objects"):
         evaluate.main(evaluate.get_args_parser().parse_args(["--weights", str(evil), "--toy"]))
     assert not marker.exists()
     # what this repo writes loads safely: a training checkpoint with optimizer, scheduler, RNG and partial state
@@ -103,13 +104,13 @@ def _optimizer_and_scheduler():
 def test_unwritable_outputs_and_cache_fail_before_any_work(data_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(SystemExit, match="--json .*m.json: .*a_file is a file, not a folder"):
+    with pytest.raises(errors.UserError, match="--json .*m.json: .*a_file is a file, not a folder"):
         evaluate.main(evaluate.get_args_parser().parse_args(
             ["--weights", str(tmp_path / "missing.pth"), "--json", str(blocker / "m.json")]))
-    with pytest.raises(SystemExit, match="--save-vis .*vis: .*a_file is a file, not a folder"):
+    with pytest.raises(errors.UserError, match="--save-vis .*vis: .*a_file is a file, not a folder"):
         evaluate.main(evaluate.get_args_parser().parse_args(
             ["--weights", str(tmp_path / "missing.pth"), "--save-vis", str(blocker / "vis")]))
-    with pytest.raises(SystemExit, match="cannot write the cache .* point --cache-dir at a writable folder"):
+    with pytest.raises(errors.UserError, match="cannot write the cache .* point --cache-dir at a writable folder"):
         run_baseline(small_run_args(data_dir, tmp_path / "run", "--epochs", "1", "--cache-dir", str(blocker / "c")))
 
 
@@ -153,7 +154,7 @@ def test_signal_while_building_the_pixel_cache_leaves_nothing_half_built(toy_roo
         hook()
         return real_read_image(path)
     monkeypatch.setattr(voc, "read_image", read_image)
-    with pytest.raises(SystemExit, match="interrupted by SIGTERM while building the pixel cache"):
+    with pytest.raises(errors.Interrupted, match="interrupted by SIGTERM while building the pixel cache"):
         voc.PixelCache(toy_root, "val", str(tmp_path / "cache"))
     folder = next((tmp_path / "cache").iterdir())
     assert os.listdir(folder) == ["build.lock"]  # (empty) no temporary memmaps, no index: the next run starts over
@@ -169,7 +170,7 @@ def test_signal_while_building_the_teacher_cache_leaves_nothing_half_built(data_
     dataset = common.build_datasets(common.data_config(args), splits=("train",))["train"]
     teacher = common.build_teacher(21, pretrained=False).eval()
     handle = teacher.register_forward_hook(_signal_self_on_call(2))
-    with pytest.raises(SystemExit, match="interrupted by SIGTERM while building the teacher-logit cache"):
+    with pytest.raises(errors.Interrupted, match="interrupted by SIGTERM while building the teacher-logit cache"):
         distill.TeacherLogitCache(teacher, dataset, torch.device("cpu"), 4, 0, "fp32")
     assert not [f for f in os.listdir(dataset.cache.dir) if f.startswith("teacher_logits")]
     handle.remove()
@@ -185,9 +186,9 @@ def test_every_bad_file_is_named_in_one_error(toy_root, tmp_path):
     voc.save_mask_png(np.full((20, 20), 40, np.uint8), mask_path)  # wrong values and wrong size
     truncated = root / "JPEGImages" / "toy_val_0042.jpg"
     truncated.write_bytes(truncated.read_bytes()[:300])
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(errors.UserError) as e:
         voc.PixelCache(str(root), "val", str(tmp_path / "cache"))
     message = str(e.value)
-    assert message.startswith("error: 3 problem(s)") and len(message.splitlines()) == 4
+    assert message.startswith("3 problem(s)") and len(message.splitlines()) == 4
     for name in ("toy_val_0003.jpg", "toy_val_0011.png", "toy_val_0042.jpg"):
         assert name in message

@@ -8,6 +8,7 @@ from torchvision.models import mobilenet_v3_large
 from torchvision.models.segmentation import fcn_resnet50
 
 import common
+import errors
 import voc
 from student_model import LightweightDeepLabV3, upsample_bilinear
 
@@ -70,7 +71,7 @@ def test_pretrained_teacher_loads_offline_and_can_change_class_count():
 
 def test_missing_pretrained_weights_name_the_file(monkeypatch):
     monkeypatch.setattr(voc, "DOWNLOAD_TIMEOUT_S", 3)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(errors.UserError) as e:
         common.build_student(21, pretrained=True)
     msg = str(e.value)
     assert "mobilenet_v3_large-8738ca79.pth" in msg and os.environ["TORCH_HOME"] in msg and "--no-pretrained" in msg
@@ -79,7 +80,7 @@ def test_missing_pretrained_weights_name_the_file(monkeypatch):
 def test_corrupt_pretrained_file_is_a_clear_error():
     with open(_hub_checkpoint("mobilenet_v3_large-8738ca79.pth"), "wb") as f:
         f.write(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="mobilenet_v3_large-8738ca79.pth"):
+    with pytest.raises(errors.UserError, match="mobilenet_v3_large-8738ca79.pth"):
         common.build_student(21, pretrained=True)
 
 
@@ -95,11 +96,11 @@ def test_load_model_detects_architecture_and_rejects_bad_files(tmp_path):
     assert common.load_model(str(teacher_ckpt))[1:3] == ("teacher", 3)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(bare.read_bytes()[:5000])
-    with pytest.raises(SystemExit, match="truncated.pth is not a readable PyTorch checkpoint"):
+    with pytest.raises(errors.UserError, match="truncated.pth is not a readable PyTorch checkpoint"):
         common.load_model(str(truncated))
     other = tmp_path / "other.pth"
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, other)
-    with pytest.raises(SystemExit, match="unknown architecture"):
+    with pytest.raises(errors.UserError, match="unknown architecture"):
         common.load_model(str(other))
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(errors.UserError, match="no such file"):
         common.load_model(str(tmp_path / "nope.pth"))

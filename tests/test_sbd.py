@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import common
+import errors
 import sbd
 import train_baseline
 import voc
@@ -66,5 +67,5 @@ def test_train_set_flag_builds_the_trainaug_split(data_dir, toy_root, tmp_path):
 
 
 def test_missing_sbd_without_download_is_a_clear_error(toy_root, tmp_path):
-    with pytest.raises(SystemExit, match="--train-set trainaug needs SBD at .*benchmark_RELEASE"):
+    with pytest.raises(errors.UserError, match="--train-set trainaug needs SBD at .*benchmark_RELEASE"):
         sbd.trainaug_pairs(toy_root, str(tmp_path), download=False)

@@ -9,7 +9,7 @@ from conftest import REPO
 
 MODULES = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith(".py"))
 # the scripts a user runs; everything else is a shared module, which must not import them (STYLE.md)
-SCRIPTS = {m for m in MODULES if m.startswith(("train_", "time_", "evaluate", "demo", "bench_"))}
+SCRIPTS = {m for m in MODULES if m.startswith(("train_", "time_", "evaluate", "demo", "bench_", "compare"))}
 
 
 def project_imports(module):
@@ -56,3 +56,24 @@ def test_each_module_imports_alone_and_does_no_work(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_only_entry_points_end_the_process():
+    """No module raises SystemExit or calls sys.exit/exit except errors.main_entry (STYLE.md): a script's main() can be
+    called by another script (compare.py runs many) and a failure there raises errors.UserError, reported per run."""
+    enders = []
+    for m in MODULES + [f"tools/{f[:-3]}" for f in os.listdir(os.path.join(REPO, "tools")) if f.endswith(".py")]:
+        tree = ast.parse(open(os.path.join(REPO, m + ".py")).read())
+        for node in ast.walk(tree):
+            name = None
+            if isinstance(node, ast.Name) and node.id == "SystemExit":
+                name = "SystemExit"
+            elif isinstance(node, ast.Call) and ast.unparse(node.func) != "SystemExit":
+                name = ast.unparse(node.func)
+            if name in ("SystemExit", "sys.exit", "exit", "os._exit") and (m, name) not in ALLOWED_ENDERS:
+                enders.append(f"{m}.py:{node.lineno} {name}")
+    assert not enders, enders
+
+
+# errors.main_entry turns the project's exceptions into an exit status; a second signal during training exits at once
+ALLOWED_ENDERS = {("errors", "sys.exit"), ("engine", "os._exit")}

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import common
+import errors
 import evaluate
 import time_student
 import time_teacher
@@ -37,7 +38,7 @@ class TinySegNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize("backend", [b for b in timing.TIMING_BACKENDS if b != "eager"])
-def test_backend_matches_eager_on_cpu(backend, student):
+def test_backend_matches_eager_on_cpu(backend, student, compile_workers_stopped):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     model = TinySegNet().eval() if backend == "compile" else student
     try:
@@ -58,7 +59,7 @@ def test_backend_matches_eager_on_cpu(backend, student):
 def test_fp16_is_refused_on_cpu(student):
     with pytest.raises(timing.BackendUnavailable, match="CUDA"):
         timing.prepare_backend(student, "fp16", torch.device("cpu"), 64)
-    with pytest.raises(SystemExit, match="--backend fp16: none of them can run here"):
+    with pytest.raises(errors.UserError, match="--backend fp16: none of them can run here"):
         time_student.main(time_student.get_args_parser().parse_args(
             ["--backend", "fp16", "--device", "cpu", "--no-miou", "--image-size", "64"]))
 
@@ -179,5 +180,5 @@ def test_onnx_export_round_trip(tmp_path, student):
 def test_timing_scripts_refuse_the_other_architecture(tmp_path, student):
     weights = tmp_path / "student.pth"
     torch.save(student.state_dict(), weights)
-    with pytest.raises(SystemExit, match="holds a student, not a teacher checkpoint"):
+    with pytest.raises(errors.UserError, match="holds a student, not a teacher checkpoint"):
         time_teacher.main(time_teacher.get_args_parser().parse_args(["--weights", str(weights), "--no-miou"]))

@@ -14,6 +14,7 @@ from PIL import Image
 
 import common
 import engine
+import errors
 import evaluate
 import train_baseline
 import voc
@@ -90,9 +91,9 @@ def test_resume_continues_exactly(data_dir, tmp_path):
 
 
 def test_refuses_to_overwrite_a_run_and_bad_flags(data_dir, trained_run, capsys):
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(errors.UserError, match="already holds a run"):
         run_baseline(small_run_args(data_dir, trained_run, "--epochs", "1"))
-    with pytest.raises(SystemExit, match="arch=student, this one has arch=teacher"):
+    with pytest.raises(errors.UserError, match="arch=student, this one has arch=teacher"):
         run_baseline(small_run_args(data_dir, trained_run, "--epochs", "3", "--model", "teacher", "--resume"))
     for bad in (["--epochs", "0"], ["--batch-size", "0"], ["--lr", "-1"]):
         assert_flag_refused(train_baseline, ["--toy", *bad], capsys)
@@ -202,7 +203,7 @@ def test_html_browser_page_references_existing_files(data_dir, trained_run, tmp_
 def test_browse_without_display_points_to_html(trained_run, monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    with pytest.raises(SystemExit, match="--browse needs a display.*--html"):
+    with pytest.raises(errors.UserError, match="--browse needs a display.*--html"):
         evaluate.main(evaluate.get_args_parser().parse_args(["--weights", str(trained_run / "best.pth"), "--toy",
                                                              "--browse"]))
 
@@ -236,7 +237,7 @@ def test_comparison_of_several_models_matches_their_own_json(data_dir, trained_r
     assert Image.open(out / "miou_vs_epoch.png").size[0] >= 500
     width, height = Image.open(out / "side_by_side.png").size
     assert (width, height) == (4 * 208, 4 * 208)  # 4 images x (image, truth, 2 models), 2.6 in at 80 dpi each
-    with pytest.raises(SystemExit, match="--json takes one model"):
+    with pytest.raises(errors.UserError, match="--json takes one model"):
         evaluate.main(evaluate.get_args_parser().parse_args(
             ["--runs", str(trained_run), str(other), "--json", str(tmp_path / "x.json"), *flags]))
 

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import distill  # noqa: E402
 import engine  # noqa: E402
+import errors  # noqa: E402
 import flags  # noqa: E402
 import train_feature_kd  # noqa: E402
 
@@ -89,4 +90,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.main_entry(main, get_args_parser)

@@ -26,7 +26,7 @@ if $python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     $python -m pytest -q -m cuda tests -p no:cacheprovider -rs --junitxml "$out/cuda_tests.xml" || status=1
     bench=(--amp --workers 8 --batch-size 16 --image-size 256)
     toy_steps=15   # the toy set's 300 training images: (3 warm-up + 15) x 16
-    voc_steps=8
+    voc_steps=3   # the 20-MB subset's 105 training images: (3 warm-up + 3) x 16
 else
     echo "no CUDA device here: the cuda tests are skipped; the benchmark runs a small CPU setting"
     bench=(--workers 2 --batch-size 4 --image-size 64)

@@ -9,6 +9,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import errors  # noqa: E402
 import flags  # noqa: E402
 import voc  # noqa: E402
 
@@ -24,7 +25,7 @@ def get_args_parser():
 def main(args):
     root = voc.find_voc_root(args.src)
     if root is None:
-        raise SystemExit(f"error: no VOC dataset under {args.src}")
+        raise errors.UserError(f"no VOC dataset under {args.src}")
     out = os.path.join(args.dst, "VOCdevkit", "VOC2012")
     for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
@@ -45,4 +46,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.main_entry(main, get_args_parser)

@@ -1,0 +1,454 @@
+"""Compare strategies fairly: every strategy and the baseline trained with the same data, recipe and seeds, in one
+table with the spread over seeds and each strategy's paired difference against the baseline of the same seed.
+
+    python compare.py --toy --strategies baseline,response-kd --seeds 0,1 --epochs 2 --teacher-epochs 2 \\
+        --no-pretrained --image-size 64 --out-dir checkpoints/compare_toy
+    python compare.py --data-dir ./data --strategies baseline,response-kd,cwd,dist --seeds 0,1,2 --epochs 50 \\
+        --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip --out-dir checkpoints/compare_voc      # one GPU; teacher: torchvision's
+    python compare.py --toy --no-pretrained --teacher-epochs 4 --grid response-kd:--temperature=1,2,4 ...   # a sweep
+
+Every recipe flag (data, --epochs, --batch-size, --lr, --amp, ...) goes to every run alike; each strategy's own flags
+keep their defaults unless --grid sweeps one (each value its own row). The teacher is --teacher-weights, or fine-tuned
+once here (--teacher-epochs N, OUT_DIR/teacher), or torchvision's pretrained one. Runs live in OUT_DIR/<row>_seed<S>.
+
+Running the same command again finishes the table: a finished run (same settings) is never trained again, an
+interrupted one resumes where it stopped (SIGINT/SIGTERM leave every run resumable). A run that fails is reported in
+its row and the comparison goes on; the command then exits 1.
+
+Output in OUT_DIR: results.md and results.json (final-epoch val mIoU, mean +- std over seeds and per seed; best-epoch
+mIoU, chosen on val; paired difference against the baseline; epoch time against the baseline's; with --scales/--flip
+the final model's multi-scale mIoU), summary.png and miou_all.png.
+"""
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+import traceback
+
+import torch
+
+import common
+import distill
+import distributed
+import engine
+import errors
+import fileio
+import flags
+import plots
+import train_baseline
+import train_cwd
+import train_dist
+import train_feature_kd
+import train_response_kd
+
+# strategy -> (its training script, its flags set otherwise than the script's defaults)
+STRATEGIES = {"baseline": (train_baseline, {}), "response-kd": (train_response_kd, {}),
+              "feature-kd": (train_feature_kd, {}), "cwd": (train_cwd, {}), "dist": (train_dist, {}),
+              "response-kd-live": (train_response_kd, {"no_teacher_cache": True})}
+BASELINE = "baseline"
+RUN_FLAGS = {"out_dir", "resume", "seed", "init_weights"}  # set by the comparison per run, never swept
+
+
+def strategy_list(text):
+    names = [n.strip() for n in text.split(",")]
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"must be distinct names from {', '.join(STRATEGIES)}, got {text}")
+    return names
+
+
+def seed_list(text):
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text}") from None
+    if len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"must be distinct, got {text}")
+    return seeds
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Train strategies x seeds with one recipe and compare them.")
+    parser.add_argument("--strategies", type=strategy_list, default="baseline,response-kd,cwd,dist",
+                        help=f"comma-separated, from {', '.join(STRATEGIES)} (default: %(default)s)")
+    parser.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds; every strategy "
+                        "trains once per seed (default: %(default)s)")
+    parser.add_argument("--out-dir", default="checkpoints/compare", help="folder of every run and the results "
+                        "(default: %(default)s)")
+    parser.add_argument("--teacher-epochs", type=flags.non_negative_int, default=0,
+                        help="fine-tune the teacher for N epochs first (OUT_DIR/teacher, seed of the first --seeds) "
+                             "and distil from it; 0: --teacher-weights, else torchvision's pretrained teacher "
+                             "(default: %(default)s)")
+    parser.add_argument("--grid", action="append", default=[], metavar="STRATEGY:--FLAG=V1,V2",
+                        help="sweep one flag of a strategy, each value its own row, e.g. "
+                             "response-kd:--temperature=1,2,4 (repeatable)")
+    engine.add_recipe_args(parser, seed=False)
+    distill.add_teacher_args(parser)
+    flags.add_multiscale_args(parser)
+    return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the table: a strategy, or one value of a --grid sweep of it."""
+    label: str
+    strategy: str
+    overrides: tuple = ()  # ((dest, value), ...) beyond STRATEGIES' own
+
+
+def parse_grid(text):
+    """--grid STRATEGY:--flag=v1,v2 -> rows; each value checked by the strategy script's own parser."""
+    strategy, _, assignment = text.partition(":")
+    flag, _, values = assignment.partition("=")
+    dest = flag[2:].replace("-", "_")
+    if strategy not in STRATEGIES or not flag.startswith("--") or not values:
+        raise errors.UserError(f"--grid {text}: expected STRATEGY:--FLAG=V1,V2,... with STRATEGY one of "
+                               f"{', '.join(STRATEGIES)}")
+    parser = STRATEGIES[strategy][0].get_args_parser()
+    if dest not in vars(parser.parse_args([])) or dest in RUN_FLAGS:
+        raise errors.UserError(f"--grid {text}: {flag} is not a flag {strategy} can sweep (see its script's --help)")
+    rows = []
+    for value in values.split(","):
+        parsed = getattr(parser.parse_args([f"{flag}={value}"]), dest)  # a bad value: argparse's one line, exit 2
+        rows.append(Row(f"{strategy} {flag[2:]}={value}", strategy, ((dest, parsed),)))
+    return rows
+
+
+def plan_rows(args):
+    grids = [row for text in args.grid for row in parse_grid(text)]
+    missing = sorted({r.strategy for r in grids} - set(args.strategies))
+    if missing:
+        raise errors.UserError(f"--grid sweeps {', '.join(missing)}, which --strategies leaves out; add it there")
+    return [row for s in args.strategies for row in ([r for r in grids if r.strategy == s] or [Row(s, s)])]
+
+
+def run_dir(args, label, seed):
+    return os.path.join(args.out_dir, f"{label.replace(' ', '_')}_seed{seed}")
+
+
+def run_args(args, module, overrides, out_dir, seed, teacher):
+    """The namespace a training script's main() takes: its defaults, the comparison's recipe, the row's overrides."""
+    ns = module.get_args_parser().parse_args([])
+    for dest in engine.recipe_dests():
+        setattr(ns, dest, getattr(args, dest))
+    if hasattr(ns, "teacher_weights"):
+        ns.teacher_weights, ns.teacher_dtype = teacher, args.teacher_dtype
+    for dest, value in overrides:
+        setattr(ns, dest, value)
+    ns.out_dir, ns.seed = out_dir, seed
+    ns.resume = "" if os.path.isfile(os.path.join(out_dir, "last.pth")) else None
+    return ns
+
+
+def finished_history(ns):
+    """The history of the run in ns.out_dir if it finished ns.epochs epochs with these settings; None if it has
+    (more) training to do; UserError if the folder holds another experiment."""
+    path = os.path.join(ns.out_dir, "history.json")
+    if not (ns.resume == "" and os.path.isfile(path)):
+        return None
+    try:
+        history, saved = fileio.read_json(path), fileio.read_json(os.path.join(ns.out_dir, "config.json"))
+    except ValueError as e:
+        raise errors.UserError(f"{e}; delete {ns.out_dir} to train this run again") from None
+    current = {k: v for k, v in vars(ns).items() if v is not None}
+    engine.check_same_experiment(saved, current, ns.out_dir, what="run folder",
+                                 advice="give this comparison another --out-dir")
+    if len(history) > ns.epochs:
+        raise errors.UserError(f"run folder {ns.out_dir} holds {len(history)} epochs, more than --epochs {ns.epochs}; "
+                               f"give this comparison another --out-dir")
+    return history if len(history) == ns.epochs else None
+
+
+def eta(runs):
+    """Time left: each unfinished run's remaining epochs at its strategy's median epoch time so far (any strategy's
+    where it has none); None before any epoch has been timed."""
+    known = {}
+    for run in runs:
+        known.setdefault(run["strategy"], []).extend(r["epoch_s"] for r in run.get("history") or [])
+    everything = [s for v in known.values() for s in v]
+    if not everything:
+        return None
+    left = 0.0
+    for run in runs:
+        if run["status"] == "todo":
+            per_epoch = statistics.median(known.get(run["strategy"]) or everything)
+            left += per_epoch * (run["epochs"] - len(run.get("history") or []))
+    return left
+
+
+def format_seconds(s):
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def train_run(run, runs, args, index, total):
+    """Train (or resume, or keep) one run; its history or error lands in `run`."""
+    left = eta(runs)
+    print(f"\n== run {index} of {total}: {run['label']} seed {run['seed']} -> {run['dir']} "
+          f"({'resuming' if run['ns'].resume == '' else 'new'}); "
+          f"{'time left: ' + format_seconds(left) if left is not None else 'time left: known after the first epoch'}",
+          flush=True)
+    try:
+        run["module"].main(run["ns"])
+        run["history"] = fileio.read_json(os.path.join(run["dir"], "history.json"))
+        run["status"] = "done"
+    except errors.Interrupted as e:
+        raise errors.Interrupted(f"{e}\ninterrupted during run {index} of {total} ({run['label']} seed "
+                                 f"{run['seed']}); run the same compare.py command again to finish the table "
+                                 f"(finished runs are kept, this one resumes)", e.signal_name) from None
+    except errors.UserError as e:
+        fail(run, str(e))
+    except Exception as e:  # a bug or an out-of-memory in one run must not cost the others: report it in its row
+        traceback.print_exc()
+        fail(run, f"{type(e).__name__}: {e}")
+
+
+def fail(run, message):
+    run["status"], run["error"] = "failed", message.splitlines()[0] if message else "failed"
+    print(f"run {run['label']} seed {run['seed']} FAILED: {run['error']}", flush=True)
+
+
+def final_evaluation(args, weights, ns, device):
+    """The final model's val metrics at --scales (with --flip); the model: a checkpoint path, or None for torchvision's
+    pretrained teacher. Cached beside a run's checkpoint as final_eval.json for these scales/flip."""
+    data = common.data_config(ns)
+    dataset = common.build_datasets(data, splits=("val",), augment_train=False)["val"]
+    common.check_scales(args.scales, data.image_size)
+    dataset.scales = args.scales
+    model = (common.build_teacher(data.num_classes, pretrained=True) if weights is None
+             else common.load_model(weights).model)
+    loader = engine.make_loader(dataset, args.batch_size, data.workers)
+    t0 = time.perf_counter()
+    metrics = engine.compute_metrics(model.to(device), loader, device, data.num_classes,
+                                     precision=engine.resolve_amp(args.amp, device), flip=args.flip)
+    return {"scales": list(args.scales), "flip": args.flip, "miou": metrics["miou"],
+            "pixel_acc": metrics["pixel_acc"], "seconds": time.perf_counter() - t0}
+
+
+def multiscale(args):
+    return args.scales != (1.0,) or args.flip
+
+
+def evaluate_run(run, args, device):
+    """With --scales/--flip: the run's final weights (last.pth, the last epoch) evaluated so, once (final_eval.json)."""
+    if run["status"] != "done" or not multiscale(args):
+        return
+    path = os.path.join(run["dir"], "final_eval.json")
+    key = {"scales": list(args.scales), "flip": args.flip, "epochs": len(run["history"])}
+    if os.path.isfile(path):
+        saved = fileio.read_json(path)
+        if {k: saved.get(k) for k in key} == key:
+            run["final_eval"] = saved
+            return
+    try:
+        result = dict(final_evaluation(args, os.path.join(run["dir"], "last.pth"), run["ns"], device), **key)
+    except errors.UserError as e:
+        fail(run, f"final evaluation: {e}")
+        return
+    fileio.write_json(path, result)
+    run["final_eval"] = result
+
+
+def mean_std(values):
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
+
+
+def summarise_row(row, runs, base_runs):
+    """The table's figures for one row from its runs' histories (the final epoch, the best epoch, epoch times) and
+    the paired difference with the baseline run of the same seed."""
+    ok = [r for r in runs if r["status"] == "done"]
+    final = {r["seed"]: r["history"][-1]["val_miou"] for r in ok}
+    best = {r["seed"]: max(h["val_miou"] for h in r["history"]) for r in ok}
+    base = {r["seed"]: r["history"][-1]["val_miou"] for r in base_runs if r["status"] == "done"}
+    diffs = [final[s] - base[s] for s in final if s in base] if base_runs is not None else []
+    times = [h["epoch_s"] for r in ok for h in r["history"]]
+    ms = [r["final_eval"]["miou"] for r in ok if "final_eval" in r]
+    out = {"model": row.label, "strategy": row.strategy, "overrides": dict(row.overrides), "seeds": len(ok),
+           "seeds_failed": [r["seed"] for r in runs if r["status"] != "done"],
+           "miou_runs": list(final.values()), "miou_by_seed": final,
+           "best_epoch_miou_runs": list(best.values()),
+           "pixel_acc": statistics.mean(r["history"][-1]["val_pixel_acc"] for r in ok) if ok else None,
+           "epochs": len(ok[0]["history"]) if ok else 0, "epoch_s": statistics.median(times) if times else None,
+           "histories": {r["seed"]: r["history"] for r in ok}}
+    out["miou"], out["miou_std"] = mean_std(out["miou_runs"])
+    out["best_epoch_miou"], out["best_epoch_miou_std"] = mean_std(out["best_epoch_miou_runs"])
+    out["ms_miou"], out["ms_miou_std"] = mean_std(ms)
+    out["diff"], out["diff_std"] = mean_std(diffs)
+    out["diff_positive"], out["diff_pairs"] = sum(d > 0 for d in diffs), len(diffs)
+    return out
+
+
+def fmt(mean, std, digits=2, signed=False):
+    if mean is None:
+        return "-"
+    return f"{mean:+.{digits}f} +- {std:.{digits}f}" if signed else f"{mean:.{digits}f} +- {std:.{digits}f}"
+
+
+COLUMNS_EXPLAINED = """\
+- final val mIoU: the val mIoU (%) after the last epoch, mean +- sample std over the seeds; per seed in seed order.
+- best epoch: the highest val mIoU of any epoch, mean over seeds. The epoch is chosen on val itself, so this figure
+  is optimistic; compare strategies on the final one.
+- paired diff: final val mIoU minus the baseline's of the same seed (same data order and initialisation draw),
+  mean +- std over seeds; "> 0" counts the seeds where the strategy beat its baseline.
+- {ms}
+- epoch time: median seconds per epoch (training + validation) over every epoch of every seed, and its ratio to the
+  baseline's; both from this machine, in this comparison.
+"""
+
+
+def write_results(args, rows, teacher, runs, device_name):
+    """results.md, results.json, summary.png, miou_all.png."""
+    have_base = any(r["model"] == BASELINE for r in rows)
+    base = next((r for r in rows if r["model"] == BASELINE), None)
+    ms_label = (f"MS{'+flip' if args.flip else ''} mIoU" if multiscale(args) else None)
+    header = ["model", "params (M)", "seeds", "final val mIoU (mean +- std)", "per seed",
+              "best epoch (chosen on val)", "paired diff vs baseline", "> 0"] + ([ms_label] if ms_label else []) + \
+             ["pixel acc", "epochs", "median epoch (s)", "epoch time vs baseline"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    if teacher is not None:
+        t = teacher
+        lines.append("| " + " | ".join(
+            ["teacher", f"{t['params_m']:.2f}", "1" if t.get("miou") is not None else "0",
+             "-" if t.get("miou") is None else f"{t['miou']:.2f}", t["source"], "-", "-", "-"]
+            + ([fmt(t.get("ms_miou"), 0.0) if t.get("ms_miou") is not None else "-"] if ms_label else [])
+            + ["-", str(t.get("epochs") or "-"), "-", "-"]) + " |")
+    for r in rows:
+        ratio = (f"{r['epoch_s'] / base['epoch_s']:.2f}x" if base and base["epoch_s"] and r["epoch_s"] else "-")
+        per_seed = ", ".join(f"{v:.2f}" for v in r["miou_runs"]) or "-"
+        if r["seeds_failed"]:
+            per_seed += f" (failed: seed {', '.join(map(str, r['seeds_failed']))})"
+        cells = [r["model"], f"{r['params_m']:.2f}", str(r["seeds"]), fmt(r["miou"], r["miou_std"]), per_seed,
+                 fmt(r["best_epoch_miou"], r["best_epoch_miou_std"]),
+                 "-" if r["model"] == BASELINE or not have_base else fmt(r["diff"], r["diff_std"], signed=True),
+                 "-" if r["model"] == BASELINE or not r["diff_pairs"] else f"{r['diff_positive']}/{r['diff_pairs']}"]
+        cells += [fmt(r["ms_miou"], r["ms_miou_std"])] if ms_label else []
+        cells += ["-" if r["pixel_acc"] is None else f"{r['pixel_acc']:.2f}", str(r["epochs"]),
+                  "-" if r["epoch_s"] is None else f"{r['epoch_s']:.1f}", ratio]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in runs if r["status"] == "failed"]
+    notes = COLUMNS_EXPLAINED.format(ms=(f"{ms_label}: the final model evaluated at scales "
+                                         f"{','.join(f'{s:g}' for s in args.scales)}{' and mirrored' if args.flip else ''}"
+                                         f" (probabilities averaged), mean +- std over seeds." if ms_label else
+                                         "multi-scale: not asked for (--scales/--flip)."))
+    if not have_base:
+        notes += "- no paired difference: --strategies has no plain baseline row.\n"
+    text = "\n".join(lines) + "\n\n" + (
+        f"{len(args.seeds)} seeds ({','.join(map(str, args.seeds))}), {args.epochs} epochs each, on {device_name}.\n\n"
+        + notes + "".join(f"\nFAILED: {r['label']} seed {r['seed']}: {r['error']}" for r in failed))
+    fileio.atomic_write(os.path.join(args.out_dir, "results.md"), lambda tmp: open(tmp, "w").write(text + "\n"))
+    settings = {k: v for k, v in vars(args).items() if k in engine.recipe_dests() | {
+        "strategies", "seeds", "teacher_epochs", "teacher_weights", "grid", "scales", "flip"}}
+    fileio.write_json(os.path.join(args.out_dir, "results.json"), {
+        "settings": dict(settings, scales=list(args.scales)), "device": device_name, "teacher": teacher,
+        "rows": [{k: v for k, v in r.items() if k != "histories"} for r in rows],
+        "failed": [{"model": r["label"], "seed": r["seed"], "error": r["error"]} for r in failed]})
+    histories = {f"{r['model']} seed {s}": h for r in rows for s, h in r["histories"].items()}
+    if teacher is not None and teacher.get("history"):
+        histories = {"teacher": teacher["history"], **histories}
+    if histories:
+        plots.plot_runs_miou(histories, os.path.join(args.out_dir, "miou_all.png"))
+    plots.plot_comparison([r for r in rows if r["seeds"]], None if teacher is None else teacher.get("miou"),
+                          os.path.join(args.out_dir, "summary.png"))
+    print("\n" + "\n".join(lines))
+    return lines
+
+
+def prepare_teacher(args, seeds, device):
+    """(teacher weights for the KD runs, the teacher's run record or None, its description)."""
+    if args.teacher_weights and args.teacher_epochs:
+        raise errors.UserError("--teacher-weights and --teacher-epochs both given: distil from the given teacher "
+                               "(drop --teacher-epochs) or fine-tune one here (drop --teacher-weights)")
+    if not args.teacher_epochs:
+        return args.teacher_weights, None
+    out = os.path.join(args.out_dir, "teacher")
+    ns = run_args(args, train_baseline, (("model", "teacher"), ("epochs", args.teacher_epochs)), out, seeds[0], None)
+    return os.path.join(out, "best.pth"), {"label": "teacher", "strategy": "teacher", "module": train_baseline,
+                                           "seed": seeds[0], "dir": out, "ns": ns, "epochs": args.teacher_epochs,
+                                           "status": "todo"}
+
+
+def describe_teacher(args, weights, teacher_run, device, num_classes):
+    """The teacher row: its final val mIoU (its run's last epoch, or an evaluation of the given/pretrained teacher)."""
+    params = common.count_params(common.build_teacher(num_classes, pretrained=False)) / 1e6
+    if teacher_run is not None:
+        if teacher_run["status"] != "done":
+            return {"source": "fine-tuned here: FAILED", "params_m": params, "error": teacher_run.get("error")}
+        out = {"source": f"fine-tuned here ({teacher_run['dir']})", "params_m": params,
+               "miou": teacher_run["history"][-1]["val_miou"], "epochs": len(teacher_run["history"]),
+               "history": teacher_run["history"]}
+        evaluate_run(teacher_run, args, device)
+        if "final_eval" in teacher_run:
+            out["ms_miou"] = teacher_run["final_eval"]["miou"]
+        return out
+    ns = run_args(args, train_baseline, (("model", "teacher"),), args.out_dir, 0, None)
+    source = weights or "torchvision's pretrained FCN-ResNet50"
+    try:
+        single = final_evaluation(argparse.Namespace(**dict(vars(args), scales=(1.0,), flip=False)), weights, ns,
+                                  device)
+        out = {"source": source, "params_m": params, "miou": single["miou"]}
+        if multiscale(args):
+            out["ms_miou"] = final_evaluation(args, weights, ns, device)["miou"]
+    except errors.UserError as e:
+        print(f"teacher evaluation FAILED: {e}", flush=True)
+        return {"source": f"{source}: FAILED", "params_m": params, "error": str(e)}
+    return out
+
+
+def main(args):
+    rows = plan_rows(args)
+    fileio.check_output_dir(args.out_dir, "--out-dir")
+    device = distributed.init_distributed(args.device)
+    distils = any(r.strategy != BASELINE for r in rows)
+    teacher_weights, teacher_run = prepare_teacher(args, args.seeds, device) if distils else (None, None)
+    runs = [] if teacher_run is None else [teacher_run]
+    for row in rows:
+        module, fixed = STRATEGIES[row.strategy]
+        for seed in args.seeds:
+            out = run_dir(args, row.label, seed)
+            ns = run_args(args, module, tuple(fixed.items()) + row.overrides, out, seed,
+                          None if row.strategy == BASELINE else teacher_weights)
+            runs.append({"label": row.label, "strategy": row.strategy, "row": row, "module": module, "seed": seed,
+                         "dir": out, "ns": ns, "epochs": ns.epochs, "status": "todo"})
+    for run in runs:  # what is already finished is kept (and checked to be the same experiment)
+        try:
+            run["history"] = finished_history(run["ns"])
+        except errors.UserError as e:
+            fail(run, str(e))
+            continue
+        if run["history"] is not None:
+            run["status"] = "done"
+    todo = [r for r in runs if r["status"] == "todo"]
+    print(f"compare: {len(rows)} rows x {len(args.seeds)} seeds{' + the teacher' if teacher_run else ''}: "
+          f"{len(runs)} runs, {len(runs) - len(todo) - sum(r['status'] == 'failed' for r in runs)} already "
+          f"finished, {len(todo)} to train -> {args.out_dir}", flush=True)
+    with fileio.on_signal_exit("comparing (between runs)"):
+        for i, run in enumerate(todo, 1):
+            if run["strategy"] not in (BASELINE, "teacher") and teacher_run is not None \
+                    and teacher_run["status"] == "failed":
+                fail(run, f"the teacher's fine-tuning failed ({teacher_run['error']})")
+                continue
+            train_run(run, runs, args, i, len(todo))
+        for run in runs:
+            if run is not teacher_run:
+                evaluate_run(run, args, device)
+    num_classes = runs[-1]["ns"].num_classes
+    teacher = describe_teacher(args, teacher_weights, teacher_run, device, num_classes) if distils else None
+    student_params = common.count_params(common.build_student(num_classes, pretrained=False)) / 1e6
+    summaries = []
+    for row in rows:
+        row_runs = [r for r in runs if r.get("row") == row]
+        base_runs = [r for r in runs if r.get("row") == Row(BASELINE, BASELINE)] or None
+        summaries.append(dict(summarise_row(row, row_runs, base_runs), params_m=student_params))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    write_results(args, summaries, teacher, [r for r in runs if r is not teacher_run], device_name)
+    print(f"table: {args.out_dir}/results.md (+ results.json), plots: {args.out_dir}/summary.png and miou_all.png")
+    failed = [r for r in runs if r["status"] == "failed"]
+    if failed:
+        raise errors.UserError(f"{len(failed)} of {len(runs)} runs failed (listed under the table in "
+                               f"{args.out_dir}/results.md); fix the cause and run the same command again: the "
+                               f"finished runs are kept")
+    return summaries
+
+
+if __name__ == "__main__":
+    errors.main_entry(main, get_args_parser)

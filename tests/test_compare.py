@@ -1,0 +1,113 @@
+"""compare.py: strategies x seeds with one recipe; killed half-way (SIGTERM to its process group) and run again it
+finishes without retraining what was finished; the table's figures against the runs' own history.json; a --grid
+sweep; a failing run reported in its row while the others go on; settings changed under a finished run refused."""
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+import compare
+import errors
+from conftest import REPO
+
+
+def compare_argv(data_dir, out, *extra):
+    return ["--toy", "--data-dir", data_dir, "--out-dir", str(out), "--no-pretrained", "--image-size", "32",
+            "--limit-train", "16", "--limit-val", "6", "--workers", "0", "--batch-size", "8", "--lr", "2e-3",
+            "--teacher-epochs", "1", *extra]
+
+
+def history(run):
+    return json.loads((run / "history.json").read_text())
+
+
+def test_killed_comparison_finishes_when_run_again_without_retraining(data_dir, tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "compare.py", *compare_argv(data_dir, out, "--strategies", "baseline,response-kd",
+                                                         "--seeds", "0,1", "--epochs", "2")]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while not ((out / "baseline_seed1" / "history.json").exists() and (out / "baseline_seed0" / "best.pth").exists()):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # half-way: the teacher and baseline seed 0 finished, seed 1 in epoch 2
+    assert proc.wait(timeout=60) == 1
+    first = (tmp_path / "first.log").read_text()
+    assert "run the same compare.py command again to finish the table" in first
+    assert not (out / "results.md").exists() and not (out / "response-kd_seed0").exists()
+    assert len(history(out / "baseline_seed1")) == 1  # stopped inside its second epoch, saved where it stood
+    kept = {name: (out / name / "last.pth").stat().st_mtime_ns for name in ("teacher", "baseline_seed0")}
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "5 runs, 2 already finished, 3 to train" in again.stdout
+    assert "== run 1 of 3: baseline seed 1" in again.stdout and "resumed" in again.stdout
+    assert kept == {name: (out / name / "last.pth").stat().st_mtime_ns for name in kept}  # never trained again
+
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["model"]: r for r in results["rows"]}
+    final = {(name, s): history(out / f"{name}_seed{s}")[-1]["val_miou"] for name in rows for s in (0, 1)}
+    for name, row in rows.items():
+        assert row["miou_runs"] == [final[name, 0], final[name, 1]] and len(history(out / f"{name}_seed0")) == 2
+        assert row["miou"] == pytest.approx(statistics.mean(row["miou_runs"]))
+        assert row["miou_std"] == pytest.approx(statistics.stdev(row["miou_runs"]))
+    diffs = [final["response-kd", s] - final["baseline", s] for s in (0, 1)]
+    assert rows["response-kd"]["diff"] == pytest.approx(statistics.mean(diffs))
+    assert rows["response-kd"]["diff_std"] == pytest.approx(statistics.stdev(diffs))
+    assert rows["response-kd"]["diff_positive"] == sum(d > 0 for d in diffs)
+    epoch_s = [h["epoch_s"] for s in (0, 1) for h in history(out / f"baseline_seed{s}")]
+    assert rows["baseline"]["epoch_s"] == pytest.approx(statistics.median(epoch_s))
+    assert results["teacher"]["miou"] == history(out / "teacher")[-1]["val_miou"]
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| model | params (M) | seeds | final val mIoU (mean +- std) | per seed | best epoch")
+    assert [line.split(" | ")[0] for line in table[2:5]] == ["| teacher", "| baseline", "| response-kd"]
+    assert f"{rows['response-kd']['diff']:+.2f} +- " in table[4]
+    for name in ("summary.png", "miou_all.png"):
+        assert Image.open(out / name).size[0] >= 500
+
+
+def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
+    out = tmp_path / "cmp"
+    broken = out / "response-kd_temperature=4_seed0"
+    broken.mkdir(parents=True)
+    (broken / "last.pth").write_bytes(b"not a checkpoint")  # its run fails; the comparison goes on
+    argv = compare_argv(data_dir, out, "--strategies", "baseline,response-kd", "--seeds", "0", "--epochs", "1",
+                        "--grid", "response-kd:--temperature=1,4")
+    with pytest.raises(errors.UserError, match=r"1 of 4 runs failed \(listed under the table in .*results.md\)"):
+        compare.main(compare.get_args_parser().parse_args(argv))
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["model"]: r for r in results["rows"]}
+    assert list(rows) == ["baseline", "response-kd temperature=1", "response-kd temperature=4"]
+    assert rows["response-kd temperature=1"]["overrides"] == {"temperature": 1.0}
+    assert json.loads((out / "response-kd_temperature=1_seed0" / "config.json").read_text())["temperature"] == 1.0
+    assert rows["response-kd temperature=1"]["seeds"] == 1 and rows["response-kd temperature=4"]["seeds"] == 0
+    assert results["failed"][0]["model"] == "response-kd temperature=4"
+    assert results["failed"][0]["error"].startswith(f"--resume {broken / 'last.pth'} ")
+    assert "FAILED: response-kd temperature=4 seed 0: --resume" in (out / "results.md").read_text()
+
+    # the same folders under another recipe: every finished run is refused, naming the flag, none is retrained
+    changed = [a if a != "2e-3" else "1e-3" for a in argv]
+    with pytest.raises(errors.UserError, match="4 of 4 runs failed"):
+        compare.main(compare.get_args_parser().parse_args(changed))
+    failed = json.loads((out / "results.json").read_text())["failed"]
+    assert any("was trained with other settings (--lr 0.002 -> 0.001)" in f["error"] for f in failed)
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("nothing:--lr=1", "expected STRATEGY:--FLAG=V1,V2"),
+    ("cwd:--no-such-flag=1", "--no-such-flag is not a flag cwd can sweep"),
+    ("cwd:--seed=1,2", "--seed is not a flag cwd can sweep"),
+    ("dist:--tau=1,2", "--grid sweeps dist, which --strategies leaves out")])
+def test_bad_grid_is_one_line_before_any_work(grid, message, data_dir, tmp_path):
+    args = compare.get_args_parser().parse_args(compare_argv(data_dir, tmp_path / "cmp", "--strategies",
+                                                             "baseline,cwd", "--grid", grid))
+    with pytest.raises(errors.UserError, match=message):
+        compare.main(args)
+    assert not (tmp_path / "cmp").exists()
