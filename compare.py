@@ -4,7 +4,7 @@ table with the spread over seeds and each strategy's paired difference against t
     python compare.py --toy --strategies baseline,response-kd --seeds 0,1 --epochs 2 --teacher-epochs 2 \\
         --no-pretrained --image-size 64 --out-dir checkpoints/compare_toy
     python compare.py --data-dir ./data --strategies baseline,response-kd,cwd,dist --seeds 0,1,2 --epochs 50 \\
-        --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip --out-dir checkpoints/compare_voc      # one GPU; teacher: torchvision's
+        --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip --out-dir checkpoints/compare_voc   # one GPU, torchvision's teacher
     python compare.py --toy --no-pretrained --teacher-epochs 4 --grid response-kd:--temperature=1,2,4 ...   # a sweep
 
 Every recipe flag (data, --epochs, --batch-size, --lr, --amp, ...) goes to every run alike; each strategy's own flags
@@ -161,18 +161,19 @@ def finished_history(ns):
 
 
 def eta(runs):
-    """Time left: each unfinished run's remaining epochs at its strategy's median epoch time so far (any strategy's
-    where it has none); None before any epoch has been timed."""
+    """Time left: each unfinished run's remaining epochs at its strategy's median epoch time so far (a student
+    strategy not timed yet: the students' median; the teacher's epochs are several times a student's); None until a
+    student epoch has been timed."""
     known = {}
     for run in runs:
         known.setdefault(run["strategy"], []).extend(r["epoch_s"] for r in run.get("history") or [])
-    everything = [s for v in known.values() for s in v]
-    if not everything:
+    students = [s for name, v in known.items() if name != "teacher" for s in v]
+    if not students:
         return None
     left = 0.0
     for run in runs:
         if run["status"] == "todo":
-            per_epoch = statistics.median(known.get(run["strategy"]) or everything)
+            per_epoch = statistics.median(known.get(run["strategy"]) or students)
             left += per_epoch * (run["epochs"] - len(run.get("history") or []))
     return left
 
@@ -186,7 +187,7 @@ def train_run(run, runs, args, index, total):
     left = eta(runs)
     print(f"\n== run {index} of {total}: {run['label']} seed {run['seed']} -> {run['dir']} "
           f"({'resuming' if run['ns'].resume == '' else 'new'}); "
-          f"{'time left: ' + format_seconds(left) if left is not None else 'time left: known after the first epoch'}",
+          f"time left: {format_seconds(left) if left is not None else 'known after the first student epoch'}",
           flush=True)
     try:
         run["module"].main(run["ns"])
@@ -247,6 +248,8 @@ def evaluate_run(run, args, device):
         return
     fileio.write_json(path, result)
     run["final_eval"] = result
+    print(f"final evaluation of {run['label']} seed {run['seed']} at scales {','.join(f'{s:g}' for s in args.scales)}"
+          f"{' + flip' if args.flip else ''}: mIoU {result['miou']:.2f} ({result['seconds']:.1f} s)", flush=True)
 
 
 def mean_std(values):
@@ -310,8 +313,9 @@ def write_results(args, rows, teacher, runs, device_name):
         lines.append("| " + " | ".join(
             ["teacher", f"{t['params_m']:.2f}", "1" if t.get("miou") is not None else "0",
              "-" if t.get("miou") is None else f"{t['miou']:.2f}", t["source"], "-", "-", "-"]
-            + ([fmt(t.get("ms_miou"), 0.0) if t.get("ms_miou") is not None else "-"] if ms_label else [])
-            + ["-", str(t.get("epochs") or "-"), "-", "-"]) + " |")
+            + ([f"{t['ms_miou']:.2f}" if t.get("ms_miou") is not None else "-"] if ms_label else [])
+            + [f"{t['pixel_acc']:.2f}" if t.get("pixel_acc") is not None else "-", str(t.get("epochs") or "-"),
+               f"{t['epoch_s']:.1f}" if t.get("epoch_s") else "-", "-"]) + " |")
     for r in rows:
         ratio = (f"{r['epoch_s'] / base['epoch_s']:.2f}x" if base and base["epoch_s"] and r["epoch_s"] else "-")
         per_seed = ", ".join(f"{v:.2f}" for v in r["miou_runs"]) or "-"
@@ -326,10 +330,10 @@ def write_results(args, rows, teacher, runs, device_name):
                   "-" if r["epoch_s"] is None else f"{r['epoch_s']:.1f}", ratio]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in runs if r["status"] == "failed"]
-    notes = COLUMNS_EXPLAINED.format(ms=(f"{ms_label}: the final model evaluated at scales "
-                                         f"{','.join(f'{s:g}' for s in args.scales)}{' and mirrored' if args.flip else ''}"
-                                         f" (probabilities averaged), mean +- std over seeds." if ms_label else
-                                         "multi-scale: not asked for (--scales/--flip)."))
+    scales = ",".join(f"{s:g}" for s in args.scales) + (" and mirrored" if args.flip else "")
+    notes = COLUMNS_EXPLAINED.format(ms=f"{ms_label}: the final model evaluated at scales {scales} (probabilities "
+                                        f"averaged), mean +- std over seeds." if ms_label else
+                                        "multi-scale: not asked for (--scales/--flip).")
     if not have_base:
         notes += "- no paired difference: --strategies has no plain baseline row.\n"
     text = "\n".join(lines) + "\n\n" + (
@@ -339,7 +343,8 @@ def write_results(args, rows, teacher, runs, device_name):
     settings = {k: v for k, v in vars(args).items() if k in engine.recipe_dests() | {
         "strategies", "seeds", "teacher_epochs", "teacher_weights", "grid", "scales", "flip"}}
     fileio.write_json(os.path.join(args.out_dir, "results.json"), {
-        "settings": dict(settings, scales=list(args.scales)), "device": device_name, "teacher": teacher,
+        "settings": dict(settings, scales=list(args.scales)), "device": device_name,
+        "teacher": None if teacher is None else {k: v for k, v in teacher.items() if k != "history"},
         "rows": [{k: v for k, v in r.items() if k != "histories"} for r in rows],
         "failed": [{"model": r["label"], "seed": r["seed"], "error": r["error"]} for r in failed]})
     histories = {f"{r['model']} seed {s}": h for r in rows for s, h in r["histories"].items()}
@@ -358,6 +363,8 @@ def prepare_teacher(args, seeds, device):
     if args.teacher_weights and args.teacher_epochs:
         raise errors.UserError("--teacher-weights and --teacher-epochs both given: distil from the given teacher "
                                "(drop --teacher-epochs) or fine-tune one here (drop --teacher-weights)")
+    if args.teacher_weights and not os.path.isfile(args.teacher_weights):
+        raise errors.UserError(f"--teacher-weights {args.teacher_weights}: no such file")
     if not args.teacher_epochs:
         return args.teacher_weights, None
     out = os.path.join(args.out_dir, "teacher")
@@ -373,28 +380,38 @@ def describe_teacher(args, weights, teacher_run, device, num_classes):
     if teacher_run is not None:
         if teacher_run["status"] != "done":
             return {"source": "fine-tuned here: FAILED", "params_m": params, "error": teacher_run.get("error")}
+        history = teacher_run["history"]
         out = {"source": f"fine-tuned here ({teacher_run['dir']})", "params_m": params,
-               "miou": teacher_run["history"][-1]["val_miou"], "epochs": len(teacher_run["history"]),
-               "history": teacher_run["history"]}
+               "miou": history[-1]["val_miou"], "pixel_acc": history[-1]["val_pixel_acc"], "epochs": len(history),
+               "epoch_s": statistics.median(h["epoch_s"] for h in history), "history": history}
         evaluate_run(teacher_run, args, device)
         if "final_eval" in teacher_run:
             out["ms_miou"] = teacher_run["final_eval"]["miou"]
         return out
     ns = run_args(args, train_baseline, (("model", "teacher"),), args.out_dir, 0, None)
     source = weights or "torchvision's pretrained FCN-ResNet50"
+    path = os.path.join(args.out_dir, "teacher_eval.json")  # evaluated once per teacher file, scales and flip
+    key = {"weights": weights, "scales": list(args.scales), "flip": args.flip,
+           "file": None if weights is None else fileio.file_record(weights)}
+    if os.path.isfile(path) and {k: fileio.read_json(path).get(k) for k in key} == key:
+        return fileio.read_json(path)
     try:
         single = final_evaluation(argparse.Namespace(**dict(vars(args), scales=(1.0,), flip=False)), weights, ns,
                                   device)
-        out = {"source": source, "params_m": params, "miou": single["miou"]}
+        out = dict(key, source=source, params_m=params, miou=single["miou"])
         if multiscale(args):
             out["ms_miou"] = final_evaluation(args, weights, ns, device)["miou"]
     except errors.UserError as e:
         print(f"teacher evaluation FAILED: {e}", flush=True)
         return {"source": f"{source}: FAILED", "params_m": params, "error": str(e)}
+    fileio.write_json(path, out)
     return out
 
 
 def main(args):
+    if "RANK" in os.environ:
+        raise errors.UserError("compare.py trains its runs one after another in one process and does not run under "
+                               "torchrun; run it as `python compare.py ...` (each run uses the one --device)")
     rows = plan_rows(args)
     fileio.check_output_dir(args.out_dir, "--out-dir")
     device = distributed.init_distributed(args.device)

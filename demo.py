@@ -32,7 +32,8 @@ def get_args_parser():
     parser.add_argument("--data-dir", default="./data", help="data folder (default: %(default)s)")
     parser.add_argument("--real", action="store_true", help="use VOC 2012 under --data-dir instead of the toy set")
     parser.add_argument("--out-dir", default="checkpoints/demo", help="folder of all runs (default: %(default)s)")
-    parser.add_argument("--seeds", type=compare.seed_list, default="0,1", help="comma-separated seeds of the students (default: %(default)s)")
+    parser.add_argument("--seeds", type=compare.seed_list, default="0,1",
+                        help="comma-separated seeds of the students (default: %(default)s)")
     parser.add_argument("--epochs", type=flags.positive_int, default=10,
                         help="epochs of each student (default: %(default)s)")
     parser.add_argument("--teacher-epochs", type=flags.non_negative_int, default=12,
@@ -61,8 +62,8 @@ def compare_args(args):
     ns = compare.get_args_parser().parse_args([])
     ns.strategies = (["baseline", "response-kd", "cwd", "dist"] + ["feature-kd"] * args.all
                      + ["response-kd-live"] * args.live_kd)  # feature KD runs its teacher live: 2x a baseline epoch
-    for dest in ("seeds", "out_dir", "teacher_epochs", "epochs", "image_size", "batch_size", "lr", "data_dir", "limit_train",
-                 "limit_val"):
+    for dest in ("seeds", "out_dir", "teacher_epochs", "epochs", "image_size", "batch_size", "lr", "data_dir",
+                 "limit_train", "limit_val"):
         setattr(ns, dest, getattr(args, dest))
     ns.toy, ns.no_pretrained = not args.real, not args.pretrained
     return ns

@@ -440,7 +440,8 @@ def report(args, weights, loaded, data, metrics, names, precision):
     if args.json:
         fileio.write_json(args.json, {
             "weights": weights, "arch": loaded.arch, "split": args.split, "image_size": data.image_size,
-            "scales": list(args.scales), "flip": args.flip, "seconds": metrics["seconds"], "precision": precision, "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
+            "scales": list(args.scales), "flip": args.flip, "seconds": metrics["seconds"], "precision": precision,
+            "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
             "mean_class_acc": metrics["mean_class_acc"], "num_images": metrics["num_images"],
             "iou_per_class": {n: (None if math.isnan(v) else v) for n, v in zip(names, metrics["iou_per_class"])}})
         print(f"wrote {args.json}")

@@ -47,7 +47,7 @@ def add_multiscale_args(parser):
                              "class probabilities at original resolution averaged over scales (mmsegmentation's "
                              "multi-scale test, e.g. 0.5,0.75,1.0,1.25,1.5,1.75; default: 1.0, single scale)")
     parser.add_argument("--flip", action="store_true",
-                        help="also evaluate each scale's horizontal mirror (its logits mirrored back) and average it in")
+                        help="also evaluate each scale's horizontal mirror (its logits mirrored back), averaged in")
     return parser
 
 # --image-size when it is not given, by what a script does with the images: the one place these defaults live

@@ -10,8 +10,10 @@ import sys
 import time
 
 import pytest
+import torch
 from PIL import Image
 
+import common
 import compare
 import errors
 from conftest import REPO
@@ -19,8 +21,7 @@ from conftest import REPO
 
 def compare_argv(data_dir, out, *extra):
     return ["--toy", "--data-dir", data_dir, "--out-dir", str(out), "--no-pretrained", "--image-size", "32",
-            "--limit-train", "16", "--limit-val", "6", "--workers", "0", "--batch-size", "8", "--lr", "2e-3",
-            "--teacher-epochs", "1", *extra]
+            "--limit-train", "16", "--limit-val", "6", "--workers", "0", "--batch-size", "8", "--lr", "2e-3", *extra]
 
 
 def history(run):
@@ -30,7 +31,7 @@ def history(run):
 def test_killed_comparison_finishes_when_run_again_without_retraining(data_dir, tmp_path):
     out = tmp_path / "cmp"
     cmd = [sys.executable, "compare.py", *compare_argv(data_dir, out, "--strategies", "baseline,response-kd",
-                                                         "--seeds", "0,1", "--epochs", "2")]
+                                                         "--seeds", "0,1", "--epochs", "2", "--teacher-epochs", "1")]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
@@ -78,8 +79,11 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     broken = out / "response-kd_temperature=4_seed0"
     broken.mkdir(parents=True)
     (broken / "last.pth").write_bytes(b"not a checkpoint")  # its run fails; the comparison goes on
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pth"
+    torch.save(common.build_teacher(21, pretrained=False).state_dict(), teacher)  # a given teacher, evaluated once
     argv = compare_argv(data_dir, out, "--strategies", "baseline,response-kd", "--seeds", "0", "--epochs", "1",
-                        "--grid", "response-kd:--temperature=1,4")
+                        "--grid", "response-kd:--temperature=1,4", "--teacher-weights", str(teacher))
     with pytest.raises(errors.UserError, match=r"1 of 4 runs failed \(listed under the table in .*results.md\)"):
         compare.main(compare.get_args_parser().parse_args(argv))
     results = json.loads((out / "results.json").read_text())
@@ -91,13 +95,18 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     assert results["failed"][0]["model"] == "response-kd temperature=4"
     assert results["failed"][0]["error"].startswith(f"--resume {broken / 'last.pth'} ")
     assert "FAILED: response-kd temperature=4 seed 0: --resume" in (out / "results.md").read_text()
+    assert results["teacher"]["source"] == str(teacher) and 0 <= results["teacher"]["miou"] <= 100
+    assert json.loads((out / "response-kd_temperature=1_seed0" / "config.json").read_text())["teacher_weights"] == \
+        str(teacher)
 
     # the same folders under another recipe: every finished run is refused, naming the flag, none is retrained
+    evaluated_at = (out / "teacher_eval.json").stat().st_mtime_ns
     changed = [a if a != "2e-3" else "1e-3" for a in argv]
     with pytest.raises(errors.UserError, match="4 of 4 runs failed"):
         compare.main(compare.get_args_parser().parse_args(changed))
-    failed = json.loads((out / "results.json").read_text())["failed"]
-    assert any("was trained with other settings (--lr 0.002 -> 0.001)" in f["error"] for f in failed)
+    again = json.loads((out / "results.json").read_text())
+    assert any("was trained with other settings (--lr 0.002 -> 0.001)" in f["error"] for f in again["failed"])
+    assert again["teacher"] == results["teacher"] and (out / "teacher_eval.json").stat().st_mtime_ns == evaluated_at
 
 
 @pytest.mark.parametrize("grid, message", [
@@ -107,7 +116,7 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     ("dist:--tau=1,2", "--grid sweeps dist, which --strategies leaves out")])
 def test_bad_grid_is_one_line_before_any_work(grid, message, data_dir, tmp_path):
     args = compare.get_args_parser().parse_args(compare_argv(data_dir, tmp_path / "cmp", "--strategies",
-                                                             "baseline,cwd", "--grid", grid))
+                                                             "baseline,cwd", "--teacher-epochs", "1", "--grid", grid))
     with pytest.raises(errors.UserError, match=message):
         compare.main(args)
     assert not (tmp_path / "cmp").exists()

@@ -1,7 +1,7 @@
 """The CUDA-only paths (marker `cuda`; every test here skips with a reason where torch.cuda.is_available() is false):
 each training script with --amp (bf16, fp16) and channels_last, an fp16 run's resume with its GradScaler state, the
-teacher-logit cache built on CUDA against the CPU one, evaluation on CUDA against CPU, torchrun with NCCL (with
---sync-bn), every CUDA timing backend against eager, the CUDA RNG state round trip.
+teacher-logit cache built on CUDA against the CPU one, evaluation on CUDA against CPU (single- and multi-scale +
+flip), torchrun with NCCL (with --sync-bn), every CUDA timing backend against eager, the CUDA RNG state round trip.
 
     python -m pytest -m cuda tests          # or: bash tools/gpu_check.sh (these tests and the throughput benchmark)
 
@@ -100,7 +100,8 @@ def test_logit_cache_built_on_cuda_equals_the_cpu_cache(precision, data_dir, cud
     assert_close_in_precision(caches["cuda"], caches["cpu"], UNIT_ROUNDOFF[precision])
 
 
-def test_evaluate_on_cuda_agrees_with_cpu(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("views", [[], ["--scales", "0.5,1.0,1.5", "--flip"]])
+def test_evaluate_on_cuda_agrees_with_cpu(views, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train_baseline.main(train_baseline.get_args_parser().parse_args(gpu_args(data_dir, out, "--epochs", "2")))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare fp32 with fp32
@@ -110,9 +111,10 @@ def test_evaluate_on_cuda_agrees_with_cpu(data_dir, tmp_path, monkeypatch):
         path = tmp_path / f"{device}.json"
         evaluate.main(evaluate.get_args_parser().parse_args(
             ["--weights", str(out / "best.pth"), "--toy", "--data-dir", data_dir, "--workers", "0", "--limit-val",
-             "24", "--device", device, "--json", str(path)]))
+             "24", "--device", device, "--json", str(path), *views]))
         reports[device] = json.loads(path.read_text())
     assert reports["cuda"]["num_images"] == reports["cpu"]["num_images"] == 24
+    assert reports["cuda"]["flip"] is reports["cpu"]["flip"] is bool(views)
     # fp32 on both: only the order of sums differs, which may flip the argmax of a near-tied pixel, no more
     assert reports["cuda"]["miou"] == pytest.approx(reports["cpu"]["miou"], abs=1e-3)
     assert reports["cuda"]["pixel_acc"] == pytest.approx(reports["cpu"]["pixel_acc"], abs=1e-3)
