@@ -84,7 +84,7 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     torch.save(common.build_teacher(21, pretrained=False).state_dict(), teacher)  # a given teacher, evaluated once
     argv = compare_argv(data_dir, out, "--strategies", "baseline,response-kd", "--seeds", "0", "--epochs", "1",
                         "--grid", "response-kd:--temperature=1,4", "--teacher-weights", str(teacher))
-    with pytest.raises(errors.UserError, match=r"1 of 4 runs failed \(listed under the table in .*results.md\)"):
+    with pytest.raises(errors.UserError, match=r"1 of 3 runs failed \(listed under the table in .*results.md\)"):
         compare.main(compare.get_args_parser().parse_args(argv))
     results = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in results["rows"]}
@@ -102,7 +102,7 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     # the same folders under another recipe: every finished run is refused, naming the flag, none is retrained
     evaluated_at = (out / "teacher_eval.json").stat().st_mtime_ns
     changed = [a if a != "2e-3" else "1e-3" for a in argv]
-    with pytest.raises(errors.UserError, match="4 of 4 runs failed"):
+    with pytest.raises(errors.UserError, match="3 of 3 runs failed"):
         compare.main(compare.get_args_parser().parse_args(changed))
     again = json.loads((out / "results.json").read_text())
     assert any("was trained with other settings (--lr 0.002 -> 0.001)" in f["error"] for f in again["failed"])
@@ -117,6 +117,16 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
 def test_bad_grid_is_one_line_before_any_work(grid, message, data_dir, tmp_path):
     args = compare.get_args_parser().parse_args(compare_argv(data_dir, tmp_path / "cmp", "--strategies",
                                                              "baseline,cwd", "--teacher-epochs", "1", "--grid", grid))
+    with pytest.raises(errors.UserError, match=message):
+        compare.main(args)
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("teacher, message", [
+    (["--teacher-weights", "nowhere.pth"], "--teacher-weights nowhere.pth: no such file"),
+    (["--teacher-weights", __file__, "--teacher-epochs", "2"], "--teacher-weights and --teacher-epochs both given")])
+def test_teacher_flags_are_checked_before_any_work(teacher, message, data_dir, tmp_path):
+    args = compare.get_args_parser().parse_args(compare_argv(data_dir, tmp_path / "cmp", *teacher))
     with pytest.raises(errors.UserError, match=message):
         compare.main(args)
     assert not (tmp_path / "cmp").exists()
