@@ -414,6 +414,18 @@ def read_checkpoint(path, flag="--weights"):
     import zipfile
     if not os.path.isfile(path):
         raise errors.UserError(f"{flag} {path}: no such file")
+
+    def unreadable(reason):
+        other = ("start a new run from the weights of another file of that run (best.pth, epoch_NNN.pth) with "
+                 "--init-weights PATH" if flag == "--resume" else
+                 f"use another checkpoint with {flag} (e.g. the run's best.pth or epoch_NNN.pth)")
+        return errors.UserError(f"{flag} {path} is not a readable PyTorch checkpoint ({reason}); it may be "
+                                f"truncated: {other}")
+
+    with open(path, "rb") as f:
+        legacy = f.read(1) == b"\x80"  # torch.save's pre-1.6 format: a pickle stream (protocol >= 2)
+    if not (legacy or zipfile.is_zipfile(path)):  # else torch.load calls any other bytes "pickled objects" below
+        raise unreadable("neither torch.save's zip archive nor its older pickle format")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -421,11 +433,7 @@ def read_checkpoint(path, flag="--weights"):
                                f"types, and loading those could run code ({str(e).splitlines()[0][:160]}); use a "
                                f"checkpoint written by this repo or a plain state_dict")
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        other = ("start a new run from the weights of another file of that run (best.pth, epoch_NNN.pth) with "
-                 "--init-weights PATH" if flag == "--resume" else
-                 f"use another checkpoint with {flag} (e.g. the run's best.pth or epoch_NNN.pth)")
-        raise errors.UserError(f"{flag} {path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); "
-                               f"it may be truncated: {other}")
+        raise unreadable(str(e).splitlines()[0]) from None
     if not isinstance(ckpt, dict) or not ckpt:
         raise errors.UserError(f"{flag} {path} holds a {type(ckpt).__name__}, not a checkpoint dict or state_dict")
     return ckpt

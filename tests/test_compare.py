@@ -93,7 +93,7 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     assert json.loads((out / "response-kd_temperature=1_seed0" / "config.json").read_text())["temperature"] == 1.0
     assert rows["response-kd temperature=1"]["seeds"] == 1 and rows["response-kd temperature=4"]["seeds"] == 0
     assert results["failed"][0]["model"] == "response-kd temperature=4"
-    assert results["failed"][0]["error"].startswith(f"--resume {broken / 'last.pth'} ")
+    assert results["failed"][0]["error"].startswith(f"--resume {broken / 'last.pth'} is not a readable PyTorch ")
     assert "FAILED: response-kd temperature=4 seed 0: --resume" in (out / "results.md").read_text()
     assert results["teacher"]["source"] == str(teacher) and 0 <= results["teacher"]["miou"] <= 100
     assert json.loads((out / "response-kd_temperature=1_seed0" / "config.json").read_text())["teacher_weights"] == \

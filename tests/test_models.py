@@ -98,6 +98,14 @@ def test_load_model_detects_architecture_and_rejects_bad_files(tmp_path):
     truncated.write_bytes(bare.read_bytes()[:5000])
     with pytest.raises(errors.UserError, match="truncated.pth is not a readable PyTorch checkpoint"):
         common.load_model(str(truncated))
+    junk = tmp_path / "junk.pth"  # not "pickled Python objects": torch.load's message for any non-zip bytes
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(errors.UserError, match=r"junk.pth is not a readable PyTorch checkpoint \(neither"):
+        common.load_model(str(junk))
+    legacy = tmp_path / "legacy.pth"  # torch.save's pre-1.6 format still loads
+    torch.save({"module." + k: v for k, v in student.state_dict().items()}, legacy,
+               _use_new_zipfile_serialization=False)
+    assert common.load_model(str(legacy))[1:3] == ("student", 7)
     other = tmp_path / "other.pth"
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, other)
     with pytest.raises(errors.UserError, match="unknown architecture"):
