@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from PIL import Image
 import common
 import compare
 import errors
+import train_cwd
 from conftest import REPO
 
 
@@ -130,3 +132,21 @@ def test_teacher_flags_are_checked_before_any_work(teacher, message, data_dir, t
     with pytest.raises(errors.UserError, match=message):
         compare.main(args)
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_bug_in_one_run_is_reported_in_its_row_and_the_others_finish(data_dir, tmp_path, monkeypatch, capsys):
+    def crash(args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setitem(compare.STRATEGIES, "cwd", (types.SimpleNamespace(get_args_parser=train_cwd.get_args_parser,
+                                                                          main=crash), {}))
+    teacher = tmp_path / "teacher.pth"
+    torch.save(common.build_teacher(21, pretrained=False).state_dict(), teacher)
+    out = tmp_path / "cmp"
+    args = compare.get_args_parser().parse_args(compare_argv(data_dir, out, "--strategies", "baseline,cwd", "--seeds",
+                                                             "0", "--epochs", "1", "--teacher-weights", str(teacher)))
+    with pytest.raises(errors.UserError, match="1 of 2 runs failed"):
+        compare.main(args)
+    assert "Traceback" in capsys.readouterr().err  # a bug keeps its traceback on stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["failed"] == [{"model": "cwd", "seed": 0, "error": "RuntimeError: CUDA out of memory (simulated)"}]
+    assert [r["seeds"] for r in results["rows"]] == [1, 0] and len(history(out / "baseline_seed0")) == 1
