@@ -348,10 +348,11 @@ def write_results(args, rows, teacher, runs, device_name):
         "rows": [{k: v for k, v in r.items() if k != "histories"} for r in rows],
         "failed": [{"model": r["label"], "seed": r["seed"], "error": r["error"]} for r in failed]})
     histories = {f"{r['model']} seed {s}": h for r in rows for s, h in r["histories"].items()}
+    groups = {f"{r['model']} seed {s}": r["model"] for r in rows for s in r["histories"]}
     if teacher is not None and teacher.get("history"):
         histories = {"teacher": teacher["history"], **histories}
     if histories:
-        plots.plot_runs_miou(histories, os.path.join(args.out_dir, "miou_all.png"))
+        plots.plot_runs_miou(histories, os.path.join(args.out_dir, "miou_all.png"), groups)
     plots.plot_comparison([r for r in rows if r["seeds"]], None if teacher is None else teacher.get("miou"),
                           os.path.join(args.out_dir, "summary.png"))
     print("\n" + "\n".join(lines))

@@ -24,14 +24,20 @@ def plot_history(history, out_dir):
     finish_plot(fig, ax, "%", "Validation", os.path.join(out_dir, "miou.png"))
 
 
-def plot_runs_miou(histories, path):
-    """Val mIoU per epoch of several runs ({label: history}) in one chart."""
+def plot_runs_miou(histories, path, groups=None):
+    """Val mIoU per epoch of several runs ({label: history}) in one chart. groups ({label: group}, e.g. a strategy):
+    one colour per group and a line style per run within it (its seeds), so no two groups share a colour."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4) if len(histories) <= 8 else (7.5, 5))
+    colours, members = {}, {}
     for label, history in histories.items():
-        ax.plot([h["epoch"] for h in history], [h["val_miou"] for h in history], "o-", label=label)
+        group = (groups or {}).get(label, label)
+        colour = colours.setdefault(group, f"C{len(colours) % 10}")
+        members[group] = members.get(group, -1) + 1
+        ax.plot([h["epoch"] for h in history], [h["val_miou"] for h in history], color=colour, marker="o",
+                markersize=3, linestyle=("-", "--", ":", "-.")[members[group] % 4], label=label)
     finish_plot(fig, ax, "val mIoU (%)", "Validation mIoU per run", path, legend_size=7)
 
 
@@ -42,7 +48,7 @@ def plot_comparison(rows, teacher_miou, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = sorted(rows, key=lambda r: -r["miou"])
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(rows) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(rows) + 2), 4.6))
     xs = range(len(rows))
     seeds = max((r["seeds"] for r in rows), default=0)
     ax.bar(xs, [r["miou"] for r in rows], yerr=[r["miou_std"] for r in rows], capsize=6, color="tab:blue",
@@ -55,7 +61,7 @@ def plot_comparison(rows, teacher_miou, path):
                   if len(rows) > 5 else "center", fontsize=8)
     ax.set(ylabel="final val mIoU (%)", title="Students after the same epochs, data and seeds")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)  # below: no bar hidden
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
