@@ -204,6 +204,25 @@ def train_run(run, runs, args, index, total):
         fail(run, f"{type(e).__name__}: {e}")
 
 
+def check_teacher(run, teacher_weights):
+    """A distilled run keeps the teacher file it started with: its checksum is recorded in the run folder at the start
+    (teacher_file.json) and compared whenever the run is resumed or kept, so a teacher fine-tuned further or replaced
+    under the same path never mixes into a finished row. False (the run failed) on a mismatch."""
+    if run["strategy"] in (BASELINE, "teacher") or teacher_weights is None:
+        return True
+    if not os.path.isfile(teacher_weights):
+        fail(run, f"the teacher {teacher_weights} is missing")
+        return False
+    path, current = os.path.join(run["dir"], "teacher_file.json"), fileio.file_record(teacher_weights)
+    if not os.path.isfile(path):
+        fileio.write_json(path, current)
+    elif fileio.read_json(path) != current:
+        fail(run, f"run folder {run['dir']} was distilled from another {teacher_weights} (its checksum has changed "
+                  f"since the run started); give this comparison another --out-dir")
+        return False
+    return True
+
+
 def fail(run, message):
     run["status"], run["error"] = "failed", message.splitlines()[0] if message else "failed"
     print(f"run {run['label']} seed {run['seed']} FAILED: {run['error']}", flush=True)
@@ -445,9 +464,10 @@ def main(args):
                     and teacher_run["status"] == "failed":
                 fail(run, f"the teacher's fine-tuning failed ({teacher_run['error']})")
                 continue
-            train_run(run, runs, args, i, len(todo))
+            if check_teacher(run, teacher_weights):
+                train_run(run, runs, args, i, len(todo))
         for run in runs:
-            if run is not teacher_run:
+            if run is not teacher_run and (run["status"] != "done" or check_teacher(run, teacher_weights)):
                 evaluate_run(run, args, device)
     num_classes = runs[-1]["ns"].num_classes
     teacher = describe_teacher(args, teacher_weights, teacher_run, device, num_classes) if distils else None

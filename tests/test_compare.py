@@ -110,6 +110,16 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     assert any("was trained with other settings (--lr 0.002 -> 0.001)" in f["error"] for f in again["failed"])
     assert again["teacher"] == results["teacher"] and (out / "teacher_eval.json").stat().st_mtime_ns == evaluated_at
 
+    # the same recipe but another teacher file under the same path: the distilled runs are refused, the baseline kept
+    torch.manual_seed(1)
+    torch.save(common.build_teacher(21, pretrained=False).state_dict(), teacher)
+    with pytest.raises(errors.UserError, match="2 of 3 runs failed"):
+        compare.main(compare.get_args_parser().parse_args(argv))
+    third = json.loads((out / "results.json").read_text())
+    assert [f["model"] for f in third["failed"]] == ["response-kd temperature=1", "response-kd temperature=4"]
+    assert all("was distilled from another" in f["error"] for f in third["failed"])
+    assert third["rows"][0]["miou_runs"] == rows["baseline"]["miou_runs"]
+
 
 @pytest.mark.parametrize("grid, message", [
     ("nothing:--lr=1", "expected STRATEGY:--FLAG=V1,V2"),
