@@ -209,8 +209,11 @@ def data_config(args, trained_image_size=None):
                       limit_val=args.limit_val, train_set=args.train_set, workers=args.workers, seed=args.seed)
 
 
-def build_datasets(cfg, splits=("train", "val"), augment_train=True):
-    """dict split -> SegmentationDataset; the train split is augmented unless augment_train=False (evaluation)."""
+def build_datasets(cfg, splits=("train", "val"), augment_train=True, scales=None):
+    """dict split -> SegmentationDataset; the train split is augmented unless augment_train=False (evaluation).
+    scales (multi-scale evaluation, checked before any work): the evaluated splits also give each scale's input."""
+    if scales is not None:
+        check_scales(scales, cfg.image_size)
     with main_process_first():
         root = resolve_data_root(cfg.data_dir, cfg.toy, cfg.download)
     out = {}
@@ -223,7 +226,8 @@ def build_datasets(cfg, splits=("train", "val"), augment_train=True):
                 cache = voc.PixelCache(root, split, cfg.cache_dir, cfg.num_classes)
         train = split == "train" and augment_train
         limit = cfg.limit_train if train else cfg.limit_val
-        out[split] = SegmentationDataset(cache, cfg.image_size, train, cfg.eval_size, cfg.seed, limit)
+        out[split] = SegmentationDataset(cache, cfg.image_size, train, cfg.eval_size, cfg.seed, limit,
+                                         None if train else scales)
     return out
 
 

@@ -232,9 +232,7 @@ def final_evaluation(args, weights, ns, device):
     """The final model's val metrics at --scales (with --flip); the model: a checkpoint path, or None for torchvision's
     pretrained teacher. Cached beside a run's checkpoint as final_eval.json for these scales/flip."""
     data = common.data_config(ns)
-    dataset = common.build_datasets(data, splits=("val",), augment_train=False)["val"]
-    common.check_scales(args.scales, data.image_size)
-    dataset.scales = args.scales
+    dataset = common.build_datasets(data, ("val",), augment_train=False, scales=args.scales)["val"]
     model = (common.build_teacher(data.num_classes, pretrained=True) if weights is None
              else common.load_model(weights).model)
     loader = engine.make_loader(dataset, args.batch_size, data.workers)
@@ -378,13 +376,16 @@ def write_results(args, rows, teacher, runs, device_name):
     return lines
 
 
-def prepare_teacher(args, seeds, device):
-    """(teacher weights for the KD runs, the teacher's run record or None, its description)."""
+def check_teacher_flags(args):
     if args.teacher_weights and args.teacher_epochs:
         raise errors.UserError("--teacher-weights and --teacher-epochs both given: distil from the given teacher "
                                "(drop --teacher-epochs) or fine-tune one here (drop --teacher-weights)")
     if args.teacher_weights and not os.path.isfile(args.teacher_weights):
         raise errors.UserError(f"--teacher-weights {args.teacher_weights}: no such file")
+
+
+def prepare_teacher(args, seeds):
+    """(teacher weights for the KD runs, the teacher's run record or None)."""
     if not args.teacher_epochs:
         return args.teacher_weights, None
     out = os.path.join(args.out_dir, "teacher")
@@ -413,8 +414,9 @@ def describe_teacher(args, weights, teacher_run, device, num_classes):
     path = os.path.join(args.out_dir, "teacher_eval.json")  # evaluated once per teacher file, scales and flip
     key = {"weights": weights, "scales": list(args.scales), "flip": args.flip,
            "file": None if weights is None else fileio.file_record(weights)}
-    if os.path.isfile(path) and {k: fileio.read_json(path).get(k) for k in key} == key:
-        return fileio.read_json(path)
+    saved = fileio.read_json(path) if os.path.isfile(path) else {}
+    if {k: saved.get(k) for k in key} == key:
+        return saved
     try:
         single = final_evaluation(argparse.Namespace(**dict(vars(args), scales=(1.0,), flip=False)), weights, ns,
                                   device)
@@ -433,10 +435,17 @@ def main(args):
         raise errors.UserError("compare.py trains its runs one after another in one process and does not run under "
                                "torchrun; run it as `python compare.py ...` (each run uses the one --device)")
     rows = plan_rows(args)
+    check_teacher_flags(args)
     fileio.check_output_dir(args.out_dir, "--out-dir")
-    device = distributed.init_distributed(args.device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with engine.run_lock(args.out_dir):  # a second comparison on this folder is refused, naming this one's pid
+        return run_comparison(args, rows, distributed.init_distributed(args.device))
+
+
+def run_comparison(args, rows, device):
+    """Train what is not finished, evaluate, write the results; the table's rows."""
     distils = any(r.strategy != BASELINE for r in rows)
-    teacher_weights, teacher_run = prepare_teacher(args, args.seeds, device) if distils else (None, None)
+    teacher_weights, teacher_run = prepare_teacher(args, args.seeds) if distils else (None, None)
     runs = [] if teacher_run is None else [teacher_run]
     for row in rows:
         module, fixed = STRATEGIES[row.strategy]

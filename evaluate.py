@@ -384,9 +384,7 @@ def load_for_evaluation(args, weights):
 def evaluate_weights(args, weights, per_image=False):
     """Evaluate one checkpoint with every per-model output the flags ask for; returns what a comparison needs."""
     loaded, data, device = load_for_evaluation(args, weights)
-    common.check_scales(args.scales, data.image_size)
-    dataset = common.build_datasets(data, splits=(args.split,), augment_train=False)[args.split]
-    dataset.scales = args.scales
+    dataset = common.build_datasets(data, (args.split,), augment_train=False, scales=args.scales)[args.split]
     loader = engine.make_loader(dataset, args.batch_size, data.workers)
     per_image = per_image or bool(args.save_vis or args.html or args.browse)
     scores, predictions = {}, {}  # dataset position -> per-image mIoU / prediction (for --browse)

@@ -1,6 +1,7 @@
 import dataclasses
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -25,6 +26,24 @@ def user_cache_dir(tmp_path_factory):
         del os.environ["XDG_CACHE_HOME"]
     else:
         os.environ["XDG_CACHE_HOME"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_inside_pytest_tmp(tmp_path_factory):
+    """TMPDIR (torchrun's torchelastic_* log folders, any tempfile) and Inductor's cache (torch.compile) inside pytest's
+    temporary folder, for this process and the scripts the tests start, so the suite leaves nothing in /tmp."""
+    names = ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")
+    old = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ[name] = str(tmp_path_factory.mktemp(name.lower()))
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    yield
+    for name, value in old.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
+    tempfile.tempdir = None
 
 
 def live_children(pid):

@@ -37,6 +37,11 @@ def test_killed_comparison_finishes_when_run_again_without_retraining(data_dir, 
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
+    while not (out / "teacher" / "config.json").exists():  # the comparison holds its folder's lock by then
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.05)
+    with pytest.raises(errors.UserError, match=f"--out-dir {out} is in use by another run \\(pid {proc.pid}"):
+        compare.main(compare.get_args_parser().parse_args(cmd[2:]))  # a second copy of the command, refused
     while not ((out / "baseline_seed1" / "history.json").exists() and (out / "baseline_seed0" / "best.pth").exists()):
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.05)
