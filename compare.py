@@ -436,6 +436,7 @@ def main(args):
                                "torchrun; run it as `python compare.py ...` (each run uses the one --device)")
     rows = plan_rows(args)
     check_teacher_flags(args)
+    common.check_scales(args.scales, args.image_size or flags.default_image_size(args.image_size_rule, args.toy))
     fileio.check_output_dir(args.out_dir, "--out-dir")
     os.makedirs(args.out_dir, exist_ok=True)
     with engine.run_lock(args.out_dir):  # a second comparison on this folder is refused, naming this one's pid

@@ -139,11 +139,12 @@ def test_bad_grid_is_one_line_before_any_work(grid, message, data_dir, tmp_path)
     assert not (tmp_path / "cmp").exists()
 
 
-@pytest.mark.parametrize("teacher, message", [
+@pytest.mark.parametrize("flags, message", [
     (["--teacher-weights", "nowhere.pth"], "--teacher-weights nowhere.pth: no such file"),
-    (["--teacher-weights", __file__, "--teacher-epochs", "2"], "--teacher-weights and --teacher-epochs both given")])
-def test_teacher_flags_are_checked_before_any_work(teacher, message, data_dir, tmp_path):
-    args = compare.get_args_parser().parse_args(compare_argv(data_dir, tmp_path / "cmp", *teacher))
+    (["--teacher-weights", __file__, "--teacher-epochs", "2"], "--teacher-weights and --teacher-epochs both given"),
+    (["--scales", "0.25,1"], r"--scales 0.25 at --image-size 32 gives inputs under 16 px")])
+def test_teacher_and_scale_flags_are_checked_before_any_work(flags, message, data_dir, tmp_path):
+    args = compare.get_args_parser().parse_args(compare_argv(data_dir, tmp_path / "cmp", *flags))
     with pytest.raises(errors.UserError, match=message):
         compare.main(args)
     assert not (tmp_path / "cmp").exists()
