@@ -2,6 +2,7 @@
 
 Without torchrun every helper degrades to the single-process answer, so scripts never branch on it themselves.
 """
+import atexit
 import contextlib
 import os
 
@@ -46,7 +47,16 @@ def init_distributed(device_flag):
         if want_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if want_cuda else "gloo")
+        atexit.register(leave_process_group)
     return torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
+
+
+def leave_process_group():
+    """Destroy the process group while Python is still whole (run at exit, after main returned or raised). A process
+    that exits with its gloo group alive can abort in the interpreter's teardown ("terminate called without an active
+    exception", SIGABRT) while the others exit 0, so torchrun reports the run failed."""
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -52,3 +52,31 @@ def test_torchrun_two_processes(script, data_dir, tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1]
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
+
+
+LEAVE_AT_EXIT = """
+import atexit, sys
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+import distributed
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized()))  # runs after handlers registered later
+print("device:", distributed.init_distributed("cpu"), "world:", distributed.world_size())
+{ending}
+"""
+
+
+@pytest.mark.parametrize("ending", ["", "raise SystemExit('error: bad flag')"])
+def test_the_process_group_is_destroyed_before_python_exits(ending, tmp_path):
+    """A process leaving with its gloo group alive can abort in the interpreter's teardown (SIGABRT, seen in CI under
+    torchrun), so init_distributed registers its destruction at exit: on a normal return and on an error."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_AT_EXIT.format(repo=REPO, ending=ending))
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == (1 if ending else 0), proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["device: cpu world: 1", "group alive at exit: False"]

@@ -157,6 +157,7 @@ loss.backward()
 if rank == 0:
     torch.save(net.conv.weight.grad, {out!r})
 dist.barrier()  # neither process leaves while the other still talks to it (as engine.train ends)
+dist.destroy_process_group()  # as distributed.leave_process_group does at exit
 """
 
 
