@@ -21,13 +21,29 @@ class Interrupted(Exception):
         self.signal_name = signal_name
 
 
+_before_exit = []
+
+
+def before_exit(hook):
+    """Have main_entry call hook(status) once main has ended, before the process exits (distributed.py uses it)."""
+    _before_exit.append(hook)
+
+
 def main_entry(main, get_args_parser, argv=None):
     """`if __name__ == "__main__": errors.main_entry(main, get_args_parser)`: parse the command line (or argv), run
     main, and turn the project's exceptions into one line and exit status 1 (argparse's own errors keep status 2)."""
     args = get_args_parser().parse_args(argv)
+    message = None
     try:
-        return main(args)
+        main(args)
     except Interrupted as e:
-        sys.exit(str(e))
+        message = str(e)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        message = f"error: {e}"
+    if message:
+        print(message, file=sys.stderr)
+    status = 1 if message else 0
+    for hook in _before_exit:
+        hook(status)
+    if status:
+        sys.exit(status)

@@ -142,7 +142,7 @@ import os, sys
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
 import torch, torch.distributed as dist
-import test_methods, train_dist
+import distributed, test_methods, train_dist
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 batch = torch.load({batch!r})
@@ -157,7 +157,7 @@ loss.backward()
 if rank == 0:
     torch.save(net.conv.weight.grad, {out!r})
 dist.barrier()  # neither process leaves while the other still talks to it (as engine.train ends)
-dist.destroy_process_group()  # as distributed.leave_process_group does at exit
+distributed.end_process(0)  # as the scripts end under torchrun: Python's teardown can abort a gloo process
 """
 
 
