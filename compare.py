@@ -270,7 +270,10 @@ def evaluate_run(run, args, device):
 
 
 def mean_std(values):
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
+    """Mean and sample std; one value has no spread to report (std None, shown as the mean alone)."""
+    if not values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def summarise_row(row, runs, base_runs):
@@ -301,11 +304,13 @@ def summarise_row(row, runs, base_runs):
 def fmt(mean, std, digits=2, signed=False):
     if mean is None:
         return "-"
-    return f"{mean:+.{digits}f} +- {std:.{digits}f}" if signed else f"{mean:.{digits}f} +- {std:.{digits}f}"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if std is None else f"{text} +- {std:.{digits}f}"
 
 
 COLUMNS_EXPLAINED = """\
-- final val mIoU: the val mIoU (%) after the last epoch, mean +- sample std over the seeds; per seed in seed order.
+- final val mIoU: the val mIoU (%) after the last epoch, mean +- sample std over the seeds (one seed: its value
+  alone, no spread); per seed in seed order.
 - best epoch: the highest val mIoU of any epoch, mean over seeds. The epoch is chosen on val itself, so this figure
   is optimistic; compare strategies on the final one.
 - paired diff: final val mIoU minus the baseline's of the same seed (same data order and initialisation draw),

@@ -51,8 +51,10 @@ def plot_comparison(rows, teacher_miou, path):
     fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(rows) + 2), 4.6))
     xs = range(len(rows))
     seeds = max((r["seeds"] for r in rows), default=0)
-    ax.bar(xs, [r["miou"] for r in rows], yerr=[r["miou_std"] for r in rows], capsize=6, color="tab:blue",
-           alpha=0.7, label=f"student, mean +- std over {seeds} seed{'s' if seeds != 1 else ''}")
+    spread = seeds > 1  # one seed has no std: no error bars
+    ax.bar(xs, [r["miou"] for r in rows], yerr=[r["miou_std"] or 0.0 for r in rows] if spread else None,
+           capsize=6 if spread else 0, color="tab:blue", alpha=0.7,
+           label=f"student, mean +- std over {seeds} seeds" if spread else "student, 1 seed")
     for x, r in zip(xs, rows):
         ax.plot([x] * len(r["miou_runs"]), r["miou_runs"], "k.", label="one seed" if x == 0 else None)
     if teacher_miou is not None:

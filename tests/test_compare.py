@@ -99,6 +99,12 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     assert rows["response-kd temperature=1"]["overrides"] == {"temperature": 1.0}
     assert json.loads((out / "response-kd_temperature=1_seed0" / "config.json").read_text())["temperature"] == 1.0
     assert rows["response-kd temperature=1"]["seeds"] == 1 and rows["response-kd temperature=4"]["seeds"] == 0
+    one = rows["response-kd temperature=1"]  # one seed: no spread reported, neither 0 nor a number
+    assert one["miou_std"] is None and one["diff_std"] is None and one["diff"] == pytest.approx(
+        one["miou_runs"][0] - rows["baseline"]["miou_runs"][0])
+    table_row = next(line for line in (out / "results.md").read_text().splitlines()
+                     if line.startswith("| response-kd temperature=1 |"))
+    assert f"| {one['miou']:.2f} |" in table_row and "+-" not in table_row
     assert results["failed"][0]["model"] == "response-kd temperature=4"
     assert results["failed"][0]["error"].startswith(f"--resume {broken / 'last.pth'} is not a readable PyTorch ")
     assert "FAILED: response-kd temperature=4 seed 0: --resume" in (out / "results.md").read_text()
