@@ -54,7 +54,6 @@ def test_torchrun_two_processes(script, data_dir, tmp_path):
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
 
 
-
 END_UNDER_TORCHRUN = """
 import argparse, atexit, sys
 sys.path.insert(0, {repo!r})
