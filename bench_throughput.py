@@ -1,6 +1,6 @@
-"""Training throughput of the real recipe (student at 256 x 256, batch 16): train img/s and data-wait fraction for the
-baseline, response KD, CWD and DIST (teacher-logit cache) and feature KD (live teacher), the cache build's img/s, and
-the loader alone. Random weights (the speed is the same), the toy set or VOC; the last line of stdout is one JSON
+"""Training throughput of the real recipe (student at 256 x 256, batch 16): train img/s and data-wait fraction of
+every method (the logit methods read the teacher-logit cache, the feature methods run the teacher live), the cache
+build's img/s, and the loader alone. Random weights (the speed is the same), the toy set or VOC; the last line of stdout is one JSON
 document.
 
     python bench_throughput.py --toy                                   # CUDA if available, else CPU (slow: minutes)
@@ -25,15 +25,10 @@ import engine
 import errors
 import fileio
 import flags
-import train_baseline
-import train_cwd
-import train_dist
-import train_feature_kd
-import train_response_kd
+import methods
 from distributed import init_distributed
 
-
-STRATEGIES = ("baseline", "response-kd", "cwd", "dist", "feature-kd")
+STRATEGIES = tuple(methods.registry())
 
 
 def strategy_list(text):
@@ -126,26 +121,12 @@ def train_in_turns(trainees, dataset, warmup, steps, rounds):
     return {key: (t.timed.images / t.timed.seconds, t.timed.wait / t.timed.seconds) for key, t in trainees.items()}
 
 
-CACHED = ("response-kd", "cwd", "dist")  # the strategies that read the teacher-logit cache
-
-
-def strategy_losses(name, criterion, teacher, teacher_dtype):
-    """(compute_loss, adapters) of one strategy with its script's default weights, as the script builds them."""
-    if name == "baseline":
-        return train_baseline.make_compute_loss(criterion), None
-    module = {"response-kd": train_response_kd, "cwd": train_cwd, "dist": train_dist,
-              "feature-kd": train_feature_kd}[name]
-    a = module.get_args_parser().parse_args([])  # the script's defaults
-    if name == "response-kd":
-        return module.make_compute_loss(criterion, None, teacher_dtype, a.temperature, a.ce_weight,
-                                        a.soft_target_weight), None
-    if name == "cwd":
-        return module.make_compute_loss(criterion, None, teacher_dtype, a.tau, a.ce_weight, a.cwd_weight), None
-    if name == "dist":
-        return module.make_compute_loss(criterion, None, teacher_dtype, a.tau, a.beta, a.gamma, a.ce_weight), None
-    adapters = module.build_adapters()
-    weights = {"stage16": a.feat_weight, "head": a.final_feat_weight}
-    return module.make_compute_loss(criterion, teacher, teacher_dtype, adapters, weights), adapters
+def strategy_loss(method, criterion, teacher, teacher_dtype):
+    """A method's loss with its defaults, as its script builds it: the logit methods read the teacher-logit cache
+    (teacher None), the feature methods run the teacher live."""
+    defaults = methods.get_args_parser(method).parse_args([])
+    live = teacher if method.TEACHER == "features" else None
+    return method.build_loss(defaults, methods.Context(criterion, live, teacher_dtype))
 
 
 def main(args):
@@ -172,21 +153,22 @@ def main(args):
                   "workers": data.workers, "steps": args.steps,
                   "loader_img_s": loader_throughput(dataset, args.batch_size, data.workers, args.steps), "train": {}}
         print(f"loader alone: {result['loader_img_s']:.1f} img/s ({data.workers} workers)", flush=True)
-        strategies, cache = args.strategies, None
-        if set(strategies) & set(CACHED):
+        strategies, cache = [methods.registry()[name] for name in args.strategies], None
+        if any(method.TEACHER == "logits" for method in strategies):
             cache = distill.TeacherLogitCache(teacher, dataset, device, args.batch_size, data.workers, teacher_dtype)
             result["teacher_cache_build_img_s"] = len(dataset) / cache.build_s
             print(f"teacher-logit cache build: {result['teacher_cache_build_img_s']:.1f} img/s", flush=True)
         layouts = ("channels_last", "contiguous") if args.memory_format == "both" else (args.memory_format,)
         trainees = {}
-        for name in strategies:
+        for method in strategies:
             for layout in layouts:
                 cfg = bench_config(device, data, args.batch_size, precision, layout == "channels_last")
                 torch.manual_seed(0)
                 student = common.build_student(data.num_classes, pretrained=False)
-                compute_loss, adapters = strategy_losses(name, criterion.to(device), teacher, teacher_dtype)
-                key = name if len(layouts) == 1 else f"{name} {layout}"
-                trainees[key] = Trainee(student, compute_loss, cfg, cache if name in CACHED else None, adapters)
+                loss = strategy_loss(method, criterion.to(device), teacher, teacher_dtype)
+                key = method.NAME if len(layouts) == 1 else f"{method.NAME} {layout}"
+                trainees[key] = Trainee(student, loss.compute_loss, cfg,
+                                        cache if method.TEACHER == "logits" else None, loss.modules)
         rounds = min(args.rounds, args.steps)
         for key, (img_s, wait) in train_in_turns(trainees, dataset, args.warmup, args.steps, rounds).items():
             result["train"][key] = {"img_s": img_s, "data_wait_frac": wait}

@@ -272,6 +272,11 @@ def compute_class_weights(dataset):
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def weighted_ce(train_set, device):
+    """The label loss of every run: cross-entropy weighted by the training set's class weights, 255 left out."""
+    return nn.CrossEntropyLoss(weight=compute_class_weights(train_set).to(device), ignore_index=IGNORE_INDEX)
+
+
 def content_crc32(obj):
     return zlib.crc32(json.dumps(obj).encode())
 
@@ -351,8 +356,9 @@ def load_torchvision_weights(weights):
 
 
 class Teacher(nn.Module):
-    """torchvision FCN-ResNet50 (dilated, output stride 8) that can also return its layer3/layer4
-    features. Attribute names match torchvision's FCN, so its state_dicts load as they are."""
+    """torchvision FCN-ResNet50 (dilated, output stride 8) that can also return its features: layer3, layer4 and
+    head (the FCN head's 512 channels that its last 1x1 conv reads, stride 8). Attribute names match torchvision's
+    FCN, so its state_dicts load as they are."""
 
     def __init__(self, num_classes=21):
         super().__init__()
@@ -365,10 +371,14 @@ class Teacher(nn.Module):
     def forward(self, x, return_features=False, upsample=True):
         size = x.shape[-2:]
         f = self.backbone(x)
-        logits = self.classifier(f["out"])
+        *body, last = self.classifier  # conv 3x3, BN, ReLU, dropout; then the 1x1 conv that reads their features
+        head = f["out"]
+        for layer in body:
+            head = layer(head)
+        logits = last(head)
         if upsample:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return (logits, {"layer3": f["aux"], "layer4": f["out"]}) if return_features else logits
+        return (logits, {"layer3": f["aux"], "layer4": f["out"], "head": head}) if return_features else logits
 
 
 def _set_num_classes(conv, num_classes):

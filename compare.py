@@ -5,7 +5,7 @@ table with the spread over seeds and each strategy's paired difference against t
         --no-pretrained --image-size 64 --out-dir checkpoints/compare_toy
     python compare.py --data-dir ./data --strategies baseline,response-kd,cwd,dist --seeds 0,1,2 --epochs 50 \\
         --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip --out-dir checkpoints/compare_voc   # one GPU, torchvision's teacher
-    python compare.py --toy --no-pretrained --teacher-epochs 4 --grid response-kd:--temperature=1,2,4 ...   # a sweep
+    python compare.py --toy --no-pretrained --teacher-epochs 4 --grid response-kd:--tau=1,2,4 ...   # a sweep
 
 Every recipe flag (data, --epochs, --batch-size, --lr, --amp, ...) goes to every run alike; each strategy's own flags
 keep their defaults unless --grid sweeps one (each value its own row). The teacher is --teacher-weights, or fine-tuned
@@ -35,22 +35,17 @@ import engine
 import errors
 import fileio
 import flags
+import methods
 import plots
-import train_baseline
-import train_cwd
-import train_dist
-import train_feature_kd
-import train_response_kd
 
-# strategy -> (its training script, its flags set otherwise than the script's defaults)
-STRATEGIES = {"baseline": (train_baseline, {}), "response-kd": (train_response_kd, {}),
-              "feature-kd": (train_feature_kd, {}), "cwd": (train_cwd, {}), "dist": (train_dist, {}),
-              "response-kd-live": (train_response_kd, {"no_teacher_cache": True})}
+STRATEGIES = methods.strategies()  # strategy -> (its method, its flags set otherwise than the method's defaults)
 BASELINE = "baseline"
 RUN_FLAGS = {"out_dir", "resume", "seed", "init_weights"}  # set by the comparison per run, never swept
 
 
 def strategy_list(text):
+    if text == "all":
+        return list(STRATEGIES)
     names = [n.strip() for n in text.split(",")]
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown or len(set(names)) < len(names):
@@ -71,7 +66,7 @@ def seed_list(text):
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Train strategies x seeds with one recipe and compare them.")
     parser.add_argument("--strategies", type=strategy_list, default="baseline,response-kd,cwd,dist",
-                        help=f"comma-separated, from {', '.join(STRATEGIES)} (default: %(default)s)")
+                        help=f"comma-separated, from {', '.join(STRATEGIES)}; or all (default: %(default)s)")
     parser.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds; every strategy "
                         "trains once per seed (default: %(default)s)")
     parser.add_argument("--out-dir", default="checkpoints/compare", help="folder of every run and the results "
@@ -82,7 +77,7 @@ def get_args_parser():
                              "(default: %(default)s)")
     parser.add_argument("--grid", action="append", default=[], metavar="STRATEGY:--FLAG=V1,V2",
                         help="sweep one flag of a strategy, each value its own row, e.g. "
-                             "response-kd:--temperature=1,2,4 (repeatable)")
+                             "response-kd:--tau=1,2,4 (repeatable)")
     engine.add_recipe_args(parser, seed=False)
     distill.add_teacher_args(parser)
     flags.add_multiscale_args(parser)
@@ -105,13 +100,15 @@ def parse_grid(text):
     if strategy not in STRATEGIES or not flag.startswith("--") or not values:
         raise errors.UserError(f"--grid {text}: expected STRATEGY:--FLAG=V1,V2,... with STRATEGY one of "
                                f"{', '.join(STRATEGIES)}")
-    parser = STRATEGIES[strategy][0].get_args_parser()
-    if dest not in vars(parser.parse_args([])) or dest in RUN_FLAGS:
+    parser = methods.get_args_parser(STRATEGIES[strategy][0])
+    action = next((a for a in parser._actions if flag in a.option_strings), None)
+    if action is None or action.dest in RUN_FLAGS:
         raise errors.UserError(f"--grid {text}: {flag} is not a flag {strategy} can sweep (see its script's --help)")
+    dest, name = action.dest, action.dest.replace("_", "-")  # a deprecated name is swept (and labelled) as the new one
     rows = []
     for value in values.split(","):
         parsed = getattr(parser.parse_args([f"{flag}={value}"]), dest)  # a bad value: argparse's one line, exit 2
-        rows.append(Row(f"{strategy} {flag[2:]}={value}", strategy, ((dest, parsed),)))
+        rows.append(Row(f"{strategy} {name}={value}", strategy, ((dest, parsed),)))
     return rows
 
 
@@ -127,9 +124,9 @@ def run_dir(args, label, seed):
     return os.path.join(args.out_dir, f"{label.replace(' ', '_')}_seed{seed}")
 
 
-def run_args(args, module, overrides, out_dir, seed, teacher):
-    """The namespace a training script's main() takes: its defaults, the comparison's recipe, the row's overrides."""
-    ns = module.get_args_parser().parse_args([])
+def run_args(args, method, overrides, out_dir, seed, teacher):
+    """The namespace a method's main() takes: its defaults, the comparison's recipe, the row's overrides."""
+    ns = methods.get_args_parser(method).parse_args([])
     for dest in engine.recipe_dests():
         setattr(ns, dest, getattr(args, dest))
     if hasattr(ns, "teacher_weights"):
@@ -190,7 +187,7 @@ def train_run(run, runs, args, index, total):
           f"time left: {format_seconds(left) if left is not None else 'known after the first student epoch'}",
           flush=True)
     try:
-        run["module"].main(run["ns"])
+        methods.main(run["method"], run["ns"])
         run["history"] = fileio.read_json(os.path.join(run["dir"], "history.json"))
         run["status"] = "done"
     except errors.Interrupted as e:
@@ -394,8 +391,9 @@ def prepare_teacher(args, seeds):
     if not args.teacher_epochs:
         return args.teacher_weights, None
     out = os.path.join(args.out_dir, "teacher")
-    ns = run_args(args, train_baseline, (("model", "teacher"), ("epochs", args.teacher_epochs)), out, seeds[0], None)
-    return os.path.join(out, "best.pth"), {"label": "teacher", "strategy": "teacher", "module": train_baseline,
+    baseline = methods.registry()[BASELINE]
+    ns = run_args(args, baseline, (("model", "teacher"), ("epochs", args.teacher_epochs)), out, seeds[0], None)
+    return os.path.join(out, "best.pth"), {"label": "teacher", "strategy": "teacher", "method": baseline,
                                            "seed": seeds[0], "dir": out, "ns": ns, "epochs": args.teacher_epochs,
                                            "status": "todo"}
 
@@ -414,7 +412,7 @@ def describe_teacher(args, weights, teacher_run, device, num_classes):
         if "final_eval" in teacher_run:
             out["ms_miou"] = teacher_run["final_eval"]["miou"]
         return out
-    ns = run_args(args, train_baseline, (("model", "teacher"),), args.out_dir, 0, None)
+    ns = run_args(args, methods.registry()[BASELINE], (("model", "teacher"),), args.out_dir, 0, None)
     source = weights or "torchvision's pretrained FCN-ResNet50"
     path = os.path.join(args.out_dir, "teacher_eval.json")  # evaluated once per teacher file, scales and flip
     key = {"weights": weights, "scales": list(args.scales), "flip": args.flip,
@@ -454,12 +452,12 @@ def run_comparison(args, rows, device):
     teacher_weights, teacher_run = prepare_teacher(args, args.seeds) if distils else (None, None)
     runs = [] if teacher_run is None else [teacher_run]
     for row in rows:
-        module, fixed = STRATEGIES[row.strategy]
+        method, fixed = STRATEGIES[row.strategy]
         for seed in args.seeds:
             out = run_dir(args, row.label, seed)
-            ns = run_args(args, module, tuple(fixed.items()) + row.overrides, out, seed,
+            ns = run_args(args, method, tuple(fixed.items()) + row.overrides, out, seed,
                           None if row.strategy == BASELINE else teacher_weights)
-            runs.append({"label": row.label, "strategy": row.strategy, "row": row, "module": module, "seed": seed,
+            runs.append({"label": row.label, "strategy": row.strategy, "row": row, "method": method, "seed": seed,
                          "dir": out, "ns": ns, "epochs": ns.epochs, "status": "todo"})
     for run in runs:  # what is already finished is kept (and checked to be the same experiment)
         try:

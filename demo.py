@@ -1,11 +1,12 @@
 """The whole story on the offline toy set, as one preset of compare.py: fine-tune the teacher, train the baseline,
-response-KD, CWD and DIST students (with --all also feature KD) on the same data for several seeds, and report each
+response-KD, CWD and DIST students (with --all every other method too) on the same data for several seeds, and report each
 student's final val mIoU as mean +- std over the seeds, the paired difference against the baseline, the teacher as
 the reference. With --live-kd, also response KD with the live teacher on the same seeds and the teacher-logit cache's
 fidelity under augmentation.
 
     python demo.py                       # ~11 min on 2 CPU cores; results in checkpoints/demo/
-    python demo.py --all                 # then: + feature KD (live teacher, ~3 min more)
+    python demo.py --all                 # then: + every other method (LSKD, and the feature methods, which run the
+                                         #   teacher live: ~25 min more)
     python demo.py --live-kd             # then: + response KD with the live teacher, cache fidelity (~3 min more)
     python demo.py --real --data-dir ./data --image-size 256 --epochs 50 --teacher-epochs 0 --pretrained
 
@@ -24,7 +25,7 @@ import distill
 import errors
 import fileio
 import flags
-import train_response_kd
+import methods
 
 
 def get_args_parser():
@@ -48,7 +49,8 @@ def get_args_parser():
     parser.add_argument("--limit-train", type=flags.positive_int, default=None,
                         help="train every run on the first N training images only (a quick look; default: all)")
     parser.add_argument("--all", action="store_true",
-                        help="also train feature KD (live teacher: about 2x the time of the other students)")
+                        help="also train every other method (the feature methods run the teacher live: several times "
+                             "a baseline epoch)")
     parser.add_argument("--live-kd", action="store_true",
                         help="also train response KD with the live teacher (--no-teacher-cache) for every seed, and "
                              "measure the teacher-logit cache against the live teacher on augmented crops")
@@ -60,8 +62,9 @@ def get_args_parser():
 def compare_args(args):
     """The comparison this demo is: compare.py's namespace, its defaults replaced by the demo's toy presets."""
     ns = compare.get_args_parser().parse_args([])
-    ns.strategies = (["baseline", "response-kd", "cwd", "dist"] + ["feature-kd"] * args.all
-                     + ["response-kd-live"] * args.live_kd)  # feature KD runs its teacher live: 2x a baseline epoch
+    ns.strategies = ["baseline", "response-kd", "cwd", "dist"]
+    ns.strategies += [name for name in methods.registry() if name not in ns.strategies] * args.all
+    ns.strategies += ["response-kd-live"] * args.live_kd
     for dest in ("seeds", "out_dir", "teacher_epochs", "epochs", "image_size", "batch_size", "lr", "data_dir",
                  "limit_train", "limit_val"):
         setattr(ns, dest, getattr(args, dest))
@@ -71,7 +74,7 @@ def compare_args(args):
 
 def measure_cache_fidelity(args, teacher_path, out_dir):
     """The teacher-logit cache against the live teacher on augmented crops of the training set (fidelity.json)."""
-    parsed = train_response_kd.get_args_parser().parse_args(
+    parsed = methods.get_args_parser(methods.registry()["response-kd"]).parse_args(
         [f"--image-size={args.image_size}", "--data-dir", args.data_dir, "--workers", "0"]
         + ([] if args.real else ["--toy"])
         + ([] if args.limit_train is None else [f"--limit-train={args.limit_train}"]))

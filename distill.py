@@ -1,14 +1,13 @@
-"""What the distillation scripts share: their set-up, the frozen teacher (its flags and precision), the teacher-logit
-cache, and the teacher's and student's logits at the teacher's stride 8 (CWD, DIST).
+"""What the distillation methods share: the frozen teacher (its flags, precision and forward), the teacher-logit
+cache, the teacher's logits at its stride 8 (CWD, DIST), student maps resized to the teacher's, and the KL of softened
+distributions.
 
 The cache holds the teacher's stride-8 logits of every training image (resized to --image-size, no augmentation);
 at train time each sample's augmentation grid resamples them, so the soft targets follow the crop/scale/flip.
 """
-import dataclasses
 import hashlib
 import os
 import time
-import typing
 
 import numpy as np
 import torch
@@ -63,42 +62,26 @@ def build_frozen_teacher(weights, num_classes, device, precision):
     return teacher.to(device, memory_format=torch.channels_last)
 
 
-class DistillationRun(typing.NamedTuple):
-    cfg: engine.TrainConfig
-    teacher_dtype: str
-    teacher: torch.nn.Module
-    student: torch.nn.Module
-    datasets: dict
-    criterion: torch.nn.Module  # class-weighted CE of the labels
-
-
-def setup_distillation(args, strategy):
-    """The start every KD script shares: device, the teacher's precision, the run's config, the teacher and the student
-    (their weights before any slow data work), the datasets and the class-weighted CE."""
-    cfg = engine.setup(args, strategy)
-    teacher_dtype = resolve_teacher_dtype(args.teacher_dtype, cfg.device)
-    cfg = dataclasses.replace(cfg, flags=dict(cfg.flags, teacher_dtype=teacher_dtype))  # recorded with the flags
-    device = cfg.device
-    teacher = build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, device, teacher_dtype)
-    student = common.build_student(cfg.data.num_classes, pretrained=not args.no_pretrained)
-    engine.load_initial_weights(student, args.init_weights)
-    datasets = common.build_datasets(cfg.data)
-    class_weights = common.compute_class_weights(datasets["train"])
-    criterion = torch.nn.CrossEntropyLoss(weight=class_weights.to(device), ignore_index=common.IGNORE_INDEX)
-    return DistillationRun(cfg, teacher_dtype, teacher, student, datasets, criterion)
-
-
-def logit_source(run, batch_size, no_cache):
+def logit_source(teacher, train_set, device, batch_size, workers, teacher_dtype, no_cache):
     """The teacher to run live in the loss, or None: by default its logits come from the teacher-logit cache, built
     if needed and attached to the training set (every batch then carries them)."""
     if no_cache:
-        return run.teacher
-    cache = TeacherLogitCache(run.teacher, run.datasets["train"], run.cfg.device, batch_size, run.cfg.data.workers,
-                              run.teacher_dtype)
+        return teacher
+    cache = TeacherLogitCache(teacher, train_set, device, batch_size, workers, teacher_dtype)
     log(f"teacher-logit cache {cache.path}: {cache.size_mb:.1f} MB"
         + (f", built in {cache.build_s:.1f}s" if cache.build_s else " (reused)"))
-    run.datasets["train"].teacher_logits = cache
+    train_set.teacher_logits = cache
     return None
+
+
+def run_teacher(teacher, batch, teacher_dtype, **kwargs):
+    """The frozen teacher on an augmented batch (no gradient, in its precision), its outputs in fp32: logits, or
+    (logits, features) with return_features=True; upsample=False keeps its stride-8 logits."""
+    with torch.no_grad(), engine.autocast(batch["image"].device, teacher_dtype):
+        out = teacher(batch["image"].contiguous(memory_format=torch.channels_last), **kwargs)
+    if isinstance(out, tuple):
+        return out[0].float(), {k: v.float() for k, v in out[1].items()}
+    return out.float()
 
 
 def batch_teacher_logits(batch, teacher, teacher_dtype):
@@ -106,26 +89,55 @@ def batch_teacher_logits(batch, teacher, teacher_dtype):
     (upsampled like its own output), else the batch's cached logits warped with each sample's grid."""
     if teacher is None:
         return cached_teacher_logits(batch)
-    with torch.no_grad(), engine.autocast(batch["image"].device, teacher_dtype):
-        return teacher(batch["image"].contiguous(memory_format=torch.channels_last)).float()
+    return run_teacher(teacher, batch, teacher_dtype)
 
 
 TEACHER_STRIDE = 8  # FCN-ResNet50's output stride
 
 
-def native_logits(batch, student_native, teacher, teacher_dtype):
-    """(student, teacher) logits at the teacher's own output stride 8, where CWD and DIST compare them (64x fewer
-    positions than the input size): the student's stride-16 logits upsampled 2x, and the teacher's, run live on the
-    batch (upsample=False) or read from the cache at the centre of each stride-8 cell of the augmentation grid."""
+def teacher_native_logits(batch, teacher, teacher_dtype):
+    """The teacher's logits at its own output stride 8 (64x fewer positions than the input size), where CWD and DIST
+    compare them: run live on the batch (upsample=False), or read from the cache at the centre of each stride-8 cell
+    of the augmentation grid."""
     if teacher is None:
-        teacher_logits = cached_teacher_logits(batch, cell_grid(batch["grid"]))
-    else:
-        with torch.no_grad(), engine.autocast(batch["image"].device, teacher_dtype):
-            x = batch["image"].contiguous(memory_format=torch.channels_last)
-            teacher_logits = teacher(x, upsample=False).float()
-    student = F.interpolate(student_native.float(), size=teacher_logits.shape[-2:], mode="bilinear",
-                            align_corners=False)
-    return student, teacher_logits
+        return cached_teacher_logits(batch, cell_grid(batch["grid"]))
+    return run_teacher(teacher, batch, teacher_dtype, upsample=False)
+
+
+# The last features before each network's classifier: the student's head (256 channels, stride 16) and the FCN head's
+# (512 channels, stride 8). CIRKD compares networks there (its models' last output, the decoder's feature: losses/cwd.py,
+# skd.py, at.py of github.com/winycg/CIRKD), and so do the feature methods mgd, feature-cwd, pairwise and at here.
+HEAD_CHANNELS = {"student": 256, "teacher": 512}
+
+
+def both_networks(net, batch, teacher, teacher_dtype):
+    """(student logits, student features, teacher stride-8 logits, teacher features) of an augmented batch: the
+    student with gradients, the live teacher without."""
+    logits, feats = net(batch["image"], return_features=True)
+    teacher_logits, teacher_feats = run_teacher(teacher, batch, teacher_dtype, return_features=True, upsample=False)
+    return logits, feats, teacher_logits, teacher_feats
+
+
+def to_teacher_size(student, teacher):
+    """A student map (logits or features, stride 16) resized bilinearly (align_corners=False) to the spatial size of
+    the teacher's map it is compared with (stride 8: 2x), in fp32."""
+    if student.shape[-2:] == teacher.shape[-2:]:
+        return student.float()
+    return F.interpolate(student.float(), size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def softened_kl(student, teacher, tau, dim=1, keep=None):
+    """KL(softmax(teacher / tau) || softmax(student / tau)) along dim, per remaining position (Hinton et al. 2015's
+    softened distributions; CWD's spatial ones with dim=-1). keep (bool, broadcastable to the inputs): the entries
+    taken into the distributions; the others get probability 0 and add nothing, not even NaN to the gradient."""
+    s, t = student.float() / tau, teacher.float() / tau
+    if keep is None:
+        log_ps, log_pt = F.log_softmax(s, dim=dim), F.log_softmax(t, dim=dim)
+        return (log_pt.exp() * (log_pt - log_ps)).sum(dim)
+    keep = keep.expand_as(s)
+    log_ps = F.log_softmax(s.masked_fill(~keep, float("-inf")), dim=dim).masked_fill(~keep, 0.0)
+    log_pt = F.log_softmax(t.masked_fill(~keep, float("-inf")), dim=dim).masked_fill(~keep, 0.0)
+    return (log_pt.exp() * keep * (log_pt - log_ps)).sum(dim)
 
 
 def cell_grid(grid, stride=TEACHER_STRIDE):
@@ -246,8 +258,7 @@ def _fidelity(teacher, dataset, device, precision, batch_size, temperature):
             live = teacher(x).float()
         cached = cached_teacher_logits({k: batch[k].to(device) for k in ("teacher_logits", "grid")})
         valid = batch["mask"].to(device) != common.IGNORE_INDEX
-        log_live, log_cached = F.log_softmax(live / temperature, 1), F.log_softmax(cached / temperature, 1)
-        kl_map = (log_live.exp() * (log_live - log_cached)).sum(1)
+        kl_map = softened_kl(cached, live, temperature)  # KL(p_live || p_cached) per pixel
         agree += float(((live.argmax(1) == cached.argmax(1)) & valid).sum())
         kl += float(kl_map[valid].sum())
         pixels += float(valid.sum())

@@ -521,7 +521,9 @@ RESUME_MAY_CHANGE = {"workers", "device", "out_dir", "resume", "log_every", "sav
 
 def check_same_experiment(saved, current, path, what="--resume", advice="resume with the same flags or start a new "
                           "--out-dir"):
-    """--resume must continue the same experiment: one line listing every flag that differs."""
+    """--resume must continue the same experiment: one line listing every flag that differs (a flag recorded under
+    its old name, flags.RENAMED, is compared under its new one)."""
+    saved = {flags.RENAMED.get(k, k): v for k, v in saved.items()}
     diffs = [f"--{k.replace('_', '-')} {saved[k]} -> {current[k]}" for k in sorted(current)
              if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != current[k]]
     if diffs:

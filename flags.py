@@ -5,6 +5,7 @@ A bad value is an argparse error naming the flag, exit code 2, before any work.
 import argparse
 import math
 import os
+import sys
 
 from voc import VOC_CLASSES
 
@@ -97,3 +98,44 @@ def add_data_args(parser, image_size_rule, seed=True):
     return parser
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods' own flags: one name for a softmax temperature, one pattern for a loss term's weight
+# ---------------------------------------------------------------------------------------------
+
+# flags renamed for that consistency: old dest -> new dest (the old flag still works, with a warning, and a run
+# recorded under the old name is compared under the new one on --resume)
+RENAMED = {"temperature": "tau", "soft_target_weight": "kd_weight", "beta": "dist_inter_weight",
+           "gamma": "dist_intra_weight", "feat_weight": "feat_stage16_weight", "final_feat_weight": "feat_head_weight"}
+
+
+def add_tau(parser, default, source):
+    """--tau, the softmax temperature of a method's distributions (source: where the default comes from)."""
+    parser.add_argument("--tau", type=positive_float, default=default,
+                        help=f"softmax temperature (default: %(default)s, {source})")
+
+
+def add_weight(parser, term, default, what, source=None):
+    """--TERM-weight, the weight of the loss term TERM (its name in history.json's train_loss_TERM)."""
+    parser.add_argument(f"--{term.replace('_', '-')}-weight", type=non_negative_float, default=default,
+                        help=f"weight of {what} (default: %(default)s{', ' + source if source else ''})")
+
+
+def add_deprecated_aliases(parser, old_names):
+    """Flags under their old names (keys of RENAMED): each sets the new flag and says so on stderr, once per use."""
+    for old in old_names:
+        action = next(a for a in parser._actions if a.dest == RENAMED[old])
+        parser.add_argument(f"--{old.replace('_', '-')}", dest=action.dest, type=action.type,
+                            default=argparse.SUPPRESS, action=DeprecatedAlias, metavar=action.metavar,
+                            help=f"deprecated name of {action.option_strings[0]}")
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old flag name: sets the new one and prints one line saying so."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"warning: {option_string} is deprecated and will be removed; it sets {new}, use that instead",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)

@@ -4,42 +4,14 @@
     python train_baseline.py --data-dir ./data                    # PASCAL VOC 2012 (downloaded on first use)
     python train_baseline.py --model teacher --toy --epochs 3     # fine-tune the FCN-ResNet50 teacher
     python train_baseline.py --toy --out-dir checkpoints/b --resume   # continue an interrupted run
+
+The method, its loss, flags and their defaults (with where they come from): methods/baseline.py.
 """
-import argparse
-
-import torch.nn as nn
-
-import common
-import engine
 import errors
+import methods
+from methods import baseline
 
-
-def get_args_parser():
-    parser = argparse.ArgumentParser(description="Train a segmentation model with weighted cross-entropy.")
-    engine.add_training_args(parser)
-    parser.add_argument("--model", choices=("student", "teacher"), default="student",
-                        help="student (LightweightDeepLabV3) or teacher (FCN-ResNet50) (default: %(default)s)")
-    return parser
-
-
-def make_compute_loss(criterion):
-    """compute_loss(net, batch) -> (loss, {term: value}) of the baseline: weighted CE alone."""
-    def compute_loss(net, batch):
-        ce = criterion(net(batch["image"]), batch["mask"])
-        return ce, {"ce": ce}
-    return compute_loss
-
-
-def main(args):
-    cfg = engine.setup(args, strategy=f"baseline-{args.model}")
-    # the model first: missing pretrained weights fail before any slow data work
-    model = common.build_model(args.model, cfg.data.num_classes, pretrained=not args.no_pretrained)
-    engine.load_initial_weights(model, args.init_weights)
-    datasets = common.build_datasets(cfg.data)
-    class_weights = common.compute_class_weights(datasets["train"])
-    criterion = nn.CrossEntropyLoss(weight=class_weights.to(cfg.device), ignore_index=common.IGNORE_INDEX)
-    return engine.train(model, make_compute_loss(criterion), datasets, criterion, cfg)
-
+get_args_parser, main = methods.command(baseline)
 
 if __name__ == "__main__":
     errors.main_entry(main, get_args_parser)

@@ -8,7 +8,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from PIL import Image
 import common
 import compare
 import errors
-import train_cwd
+import methods
 from conftest import REPO
 
 
@@ -83,33 +82,33 @@ def test_killed_comparison_finishes_when_run_again_without_retraining(data_dir, 
 
 def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     out = tmp_path / "cmp"
-    broken = out / "response-kd_temperature=4_seed0"
+    broken = out / "response-kd_tau=4_seed0"
     broken.mkdir(parents=True)
     (broken / "last.pth").write_bytes(b"not a checkpoint")  # its run fails; the comparison goes on
     torch.manual_seed(0)
     teacher = tmp_path / "teacher.pth"
     torch.save(common.build_teacher(21, pretrained=False).state_dict(), teacher)  # a given teacher, evaluated once
     argv = compare_argv(data_dir, out, "--strategies", "baseline,response-kd", "--seeds", "0", "--epochs", "1",
-                        "--grid", "response-kd:--temperature=1,4", "--teacher-weights", str(teacher))
+                        "--grid", "response-kd:--tau=1,4", "--teacher-weights", str(teacher))
     with pytest.raises(errors.UserError, match=r"1 of 3 runs failed \(listed under the table in .*results.md\)"):
         compare.main(compare.get_args_parser().parse_args(argv))
     results = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in results["rows"]}
-    assert list(rows) == ["baseline", "response-kd temperature=1", "response-kd temperature=4"]
-    assert rows["response-kd temperature=1"]["overrides"] == {"temperature": 1.0}
-    assert json.loads((out / "response-kd_temperature=1_seed0" / "config.json").read_text())["temperature"] == 1.0
-    assert rows["response-kd temperature=1"]["seeds"] == 1 and rows["response-kd temperature=4"]["seeds"] == 0
-    one = rows["response-kd temperature=1"]  # one seed: no spread reported, neither 0 nor a number
+    assert list(rows) == ["baseline", "response-kd tau=1", "response-kd tau=4"]
+    assert rows["response-kd tau=1"]["overrides"] == {"tau": 1.0}
+    assert json.loads((out / "response-kd_tau=1_seed0" / "config.json").read_text())["tau"] == 1.0
+    assert rows["response-kd tau=1"]["seeds"] == 1 and rows["response-kd tau=4"]["seeds"] == 0
+    one = rows["response-kd tau=1"]  # one seed: no spread reported, neither 0 nor a number
     assert one["miou_std"] is None and one["diff_std"] is None and one["diff"] == pytest.approx(
         one["miou_runs"][0] - rows["baseline"]["miou_runs"][0])
     table_row = next(line for line in (out / "results.md").read_text().splitlines()
-                     if line.startswith("| response-kd temperature=1 |"))
+                     if line.startswith("| response-kd tau=1 |"))
     assert f"| {one['miou']:.2f} |" in table_row and "+-" not in table_row
-    assert results["failed"][0]["model"] == "response-kd temperature=4"
+    assert results["failed"][0]["model"] == "response-kd tau=4"
     assert results["failed"][0]["error"].startswith(f"--resume {broken / 'last.pth'} is not a readable PyTorch ")
-    assert "FAILED: response-kd temperature=4 seed 0: --resume" in (out / "results.md").read_text()
+    assert "FAILED: response-kd tau=4 seed 0: --resume" in (out / "results.md").read_text()
     assert results["teacher"]["source"] == str(teacher) and 0 <= results["teacher"]["miou"] <= 100
-    assert json.loads((out / "response-kd_temperature=1_seed0" / "config.json").read_text())["teacher_weights"] == \
+    assert json.loads((out / "response-kd_tau=1_seed0" / "config.json").read_text())["teacher_weights"] == \
         str(teacher)
 
     # the same folders under another recipe: every finished run is refused, naming the flag, none is retrained
@@ -127,7 +126,7 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     with pytest.raises(errors.UserError, match="2 of 3 runs failed"):
         compare.main(compare.get_args_parser().parse_args(argv))
     third = json.loads((out / "results.json").read_text())
-    assert [f["model"] for f in third["failed"]] == ["response-kd temperature=1", "response-kd temperature=4"]
+    assert [f["model"] for f in third["failed"]] == ["response-kd tau=1", "response-kd tau=4"]
     assert all("was distilled from another" in f["error"] for f in third["failed"])
     assert third["rows"][0]["miou_runs"] == rows["baseline"]["miou_runs"]
 
@@ -145,6 +144,18 @@ def test_bad_grid_is_one_line_before_any_work(grid, message, data_dir, tmp_path)
     assert not (tmp_path / "cmp").exists()
 
 
+def test_grid_takes_the_new_flag_names_and_the_old_ones_as_them(capsys):
+    """A sweep of a renamed flag: the new name, or the old one (with its deprecation line), labelled and stored under
+    the new name; every strategy the registry knows, and 'all'."""
+    assert compare.parse_grid("mgd:--mgd-mask-ratio=0.5,0.9") == [
+        compare.Row("mgd mgd-mask-ratio=0.5", "mgd", (("mgd_mask_ratio", 0.5),)),
+        compare.Row("mgd mgd-mask-ratio=0.9", "mgd", (("mgd_mask_ratio", 0.9),))]
+    assert compare.parse_grid("response-kd:--temperature=3") == [
+        compare.Row("response-kd tau=3", "response-kd", (("tau", 3.0),))]
+    assert "--temperature is deprecated" in capsys.readouterr().err
+    assert compare.get_args_parser().parse_args(["--strategies", "all"]).strategies == list(methods.strategies())
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--teacher-weights", "nowhere.pth"], "--teacher-weights nowhere.pth: no such file"),
     (["--teacher-weights", __file__, "--teacher-epochs", "2"], "--teacher-weights and --teacher-epochs both given"),
@@ -157,10 +168,9 @@ def test_teacher_and_scale_flags_are_checked_before_any_work(flags, message, dat
 
 
 def test_a_bug_in_one_run_is_reported_in_its_row_and_the_others_finish(data_dir, tmp_path, monkeypatch, capsys):
-    def crash(args):
+    def crash(args, context):
         raise RuntimeError("CUDA out of memory (simulated)")
-    monkeypatch.setitem(compare.STRATEGIES, "cwd", (types.SimpleNamespace(get_args_parser=train_cwd.get_args_parser,
-                                                                          main=crash), {}))
+    monkeypatch.setattr(methods.registry()["cwd"], "build_loss", crash)
     teacher = tmp_path / "teacher.pth"
     torch.save(common.build_teacher(21, pretrained=False).state_dict(), teacher)
     out = tmp_path / "cmp"

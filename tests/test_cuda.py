@@ -17,9 +17,9 @@ import common
 import distill
 import engine
 import evaluate
+import methods
 import timing
 import train_baseline
-import train_feature_kd
 import train_response_kd
 from conftest import REPO, loop_config, small_run_args, toy_data_config
 
@@ -53,17 +53,19 @@ def cuda_teacher(data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-@pytest.mark.parametrize("module", [train_baseline, train_response_kd, train_feature_kd])
-def test_training_scripts_with_amp_and_channels_last(module, amp, data_dir, cuda_teacher, tmp_path):
+@pytest.mark.parametrize("name", list(methods.registry()))
+def test_every_method_with_amp_and_channels_last(name, amp, data_dir, cuda_teacher, tmp_path):
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    extra = [] if module is train_baseline else ["--teacher-weights", cuda_teacher]
+    method = methods.registry()[name]
+    extra = [] if method.TEACHER == "none" else ["--teacher-weights", cuda_teacher]
     out = tmp_path / "run"
-    module.main(module.get_args_parser().parse_args(gpu_args(data_dir, out, "--amp", amp, "--channels-last", *extra)))
+    methods.main(method, methods.get_args_parser(method).parse_args(
+        gpu_args(data_dir, out, "--amp", amp, "--channels-last", *extra)))
     config = json.loads((out / "config.json").read_text())
     record = json.loads((out / "history.json").read_text())[0]
     assert config["amp"] == amp and config["channels_last"]
-    if module is not train_baseline:  # the CUDA default: the GPU's 16-bit type
+    if method.TEACHER != "none":  # the CUDA default: the GPU's 16-bit type
         assert config["teacher_dtype"] == engine.low_precision(CUDA)
     assert all(v == v and abs(v) != float("inf") for k, v in record.items() if k.startswith(("train_loss", "val_")))
 

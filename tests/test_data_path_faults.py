@@ -20,6 +20,7 @@ import engine
 import errors
 import evaluate
 import fileio
+import methods
 import train_baseline
 import voc
 from conftest import REPO, small_run_args
@@ -296,18 +297,19 @@ def test_every_suggestion_after_a_non_finite_loss_is_accepted(data_dir, tmp_path
     run = tmp_path / "run"
     args = small_run_args(data_dir, run, "--image-size", "32", "--lr", "1e-3")
     run_baseline(args + ["--epochs", "1"])
-    make = train_baseline.make_compute_loss
+    baseline = methods.registry()["baseline"]
+    make = baseline.build_loss
 
-    def nan_in_epoch_1_batch_2(criterion):
-        compute = make(criterion)
+    def nan_in_epoch_1_batch_2(args, context):
+        compute = make(args, context).compute_loss
 
         def compute_loss(net, batch):
             loss, terms = compute(net, batch)
             compute_loss.calls += 1
             return (loss * float("nan"), terms) if compute_loss.calls == 3 else (loss, terms)
         compute_loss.calls = 0
-        return compute_loss
-    monkeypatch.setattr(train_baseline, "make_compute_loss", nan_in_epoch_1_batch_2)
+        return methods.Loss(compute_loss)
+    monkeypatch.setattr(baseline, "build_loss", nan_in_epoch_1_batch_2)
     with pytest.raises(errors.UserError) as e:
         run_baseline(args + ["--epochs", "2", "--resume"])
     message = str(e.value)

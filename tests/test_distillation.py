@@ -1,10 +1,11 @@
 """Distillation: the KD loss against an independent formula, a frozen teacher, the teacher-logit cache (== live teacher
-with augmentation off, invalidation), feature alignment, and every KD script's CLI incl. resume (exact for CWD and
-DIST)."""
+with augmentation off, invalidation), feature alignment, every distillation method's script from the command line,
+and one epoch + --resume of every method equal to an uninterrupted run."""
 import json
 import os
-import subprocess
+import runpy
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,12 +15,12 @@ import common
 import distill
 import engine
 import errors
+import methods
 import train_baseline
-import train_cwd
-import train_dist
 import train_feature_kd
 import train_response_kd
 from conftest import REPO, small_run_args
+from methods import feature_kd
 
 OUTPUTS = ("last.pth", "best.pth", "history.json", "config.json", "loss.png", "miou.png")
 COMPARED = ("train_loss", "val_loss", "val_miou", "val_pixel_acc", "lr")
@@ -76,7 +77,7 @@ def test_feature_alignment_shapes_and_loss():
     x = torch.randn(2, 3, 64, 96)
     _, sf = student(x, return_features=True)
     _, tf = teacher(x, return_features=True, upsample=False)
-    for s, (t, c_s, c_t) in train_feature_kd.FEATURE_PAIRS.items():
+    for s, (t, c_s, c_t) in feature_kd.FEATURE_PAIRS.items():
         assert sf[s].shape[1] == c_s and tf[t].shape[1] == c_t
         assert tf[t].shape[-2:] == (8, 12) and sf[s].shape[-2:] == (4, 6)
     # against a plain float64 loop: 1 - <a, b> / (|a| |b|) per position, averaged (same size: no resizing)
@@ -171,44 +172,64 @@ def test_cache_is_reused_and_rebuilt_when_teacher_or_precision_changes(data_dir,
     torch.testing.assert_close(rebuilt(0).float(), before.float() + 1.0, rtol=0, atol=1e-2)
 
 
-@pytest.mark.parametrize("module,extra", [
-    (train_response_kd, []),                             # teacher-logit cache, fp32 teacher (the CPU default)
-    (train_feature_kd, ["--teacher-dtype", "bf16"]),     # live teacher in bf16
-    (train_cwd, []),                                     # teacher-logit cache
-    (train_dist, ["--no-teacher-cache"]),                # live teacher
-])
-def test_kd_cli_one_epoch_then_resume(module, extra, data_dir, toy_teacher, tmp_path):
+DISTILLING = [name for name, m in methods.registry().items() if m.TEACHER != "none"]
+# a few runs take the other paths: the live teacher for a logit method, a bf16 teacher for a feature method
+EXTRA = {"dist": ["--no-teacher-cache"], "feature-kd": ["--teacher-dtype", "bf16"]}
+
+
+@pytest.mark.parametrize("name", DISTILLING)
+def test_one_epoch_then_resume_equals_an_uninterrupted_run(name, data_dir, toy_teacher, tmp_path):
+    """Every distillation method: 1 epoch, then --resume to 2, gives the uninterrupted 2-epoch history to the last
+    digit (random masks, dropout and augmentation included); outputs, recorded precisions, loss terms, and the
+    method's own modules saved beside (not inside) the deployable student."""
+    method = methods.registry()[name]
     out = tmp_path / "run"
+    extra = EXTRA.get(name, [])
     base = small_run_args(data_dir, out, "--teacher-weights", toy_teacher, "--limit-train", "16", "--image-size", "32",
                           *extra)
-    script = module.__name__ + ".py"
-    proc = subprocess.run([sys.executable, script, *base, "--epochs", "1"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in OUTPUTS:
-        assert os.path.getsize(out / name) > 0, name
+    parse = methods.get_args_parser(method).parse_args
+    methods.main(method, parse(base + ["--epochs", "1"]))
+    for output in OUTPUTS:
+        assert os.path.getsize(out / output) > 0, output
     dtype = "bf16" if "bf16" in extra else "fp32"
-    assert f"runs in {dtype}" in proc.stdout and "precision fp32" in proc.stdout
     config = json.loads((out / "config.json").read_text())
-    assert config["teacher_dtype"] == dtype and config["amp"] == "fp32"
-    module.main(module.get_args_parser().parse_args(base + ["--epochs", "2", "--resume"]))  # resume in-process
-    history = json.loads((out / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0, 1]
-    terms = {"train_response_kd": {"train_loss_ce", "train_loss_kd"},
-             "train_feature_kd": {"train_loss_ce", "train_loss_feat_stage16", "train_loss_feat_head"},
-             "train_cwd": {"train_loss_ce", "train_loss_cwd"},
-             "train_dist": {"train_loss_ce", "train_loss_dist_inter", "train_loss_dist_intra"}}
-    assert terms[module.__name__] <= set(history[-1])
-    if module in (train_cwd, train_dist):  # the resumed run is the uninterrupted one, to the last digit
-        straight = module.main(module.get_args_parser().parse_args(
-            small_run_args(data_dir, tmp_path / "straight", "--teacher-weights", toy_teacher, "--limit-train", "16",
-                           "--image-size", "32", *extra, "--epochs", "2")))
-        for a, b in zip(history, straight):
-            assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
+    assert config["teacher_dtype"] == dtype and config["amp"] == "fp32" and config["strategy"] == name
+    resumed = methods.main(method, parse(base + ["--epochs", "2", "--resume"]))
+    assert [h["epoch"] for h in resumed] == [0, 1]
+    assert {f"train_loss_{t}" for t in method.TERMS} <= set(resumed[-1])
+    straight = methods.main(method, parse(small_run_args(
+        data_dir, tmp_path / "straight", "--teacher-weights", toy_teacher, "--limit-train", "16", "--image-size", "32",
+        *extra, "--epochs", "2")))
+    for a, b in zip(resumed, straight):
+        assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
     ckpt = torch.load(out / "last.pth", weights_only=True)
-    if "feature" in script:  # adapters saved for resume, but not in the deployable student
-        assert set(ckpt["adapters"]) == {"stage16.weight", "stage16.bias", "head.weight", "head.bias"}
-    assert not any(k.startswith(("stage16", "layer")) for k in ckpt["model"])
+    modules = method.build_loss(parse(base), methods.Context(None, None, None)).modules
+    assert set(ckpt["adapters"]) == set(modules.state_dict() if modules is not None else {})
+    assert not any(k.startswith(("stage16", "layer", "align", "generator")) for k in ckpt["model"])
     assert common.load_model(str(out / "best.pth"))[1] == "student"
+
+
+def test_every_distillation_script_runs_from_the_command_line(data_dir, toy_teacher, tmp_path, capsys):
+    """Each train_<method>.py as a user runs it (its __main__ with sys.argv), in this process: one short epoch each,
+    its log naming the teacher's precision and the method's loss terms; a bad flag value is one argparse line naming
+    it, exit status 2."""
+    for name in DISTILLING:
+        method = methods.registry()[name]
+        script = os.path.join(REPO, methods.script_name(method))
+        out = tmp_path / name
+        argv = [script, *small_run_args(data_dir, out, "--teacher-weights", toy_teacher, "--limit-train", "8",
+                                        "--limit-val", "4", "--image-size", "32", "--epochs", "1")]
+        with mock.patch.object(sys, "argv", argv):
+            runpy.run_path(script, run_name="__main__")  # ends the process only on failure (SystemExit)
+        log = capsys.readouterr().out
+        epoch = next(line for line in log.splitlines() if line.startswith("epoch   0 | train loss"))
+        terms = epoch.split("(", 1)[1].split(")", 1)[0].split()[::2]  # "(ce 3.2 kd 0.07)" -> ce, kd
+        assert "runs in fp32" in log and sorted(terms) == sorted(method.TERMS), (name, epoch)
+        assert json.loads((out / "history.json").read_text())[0]["epoch"] == 0, name
+    cwd_script = os.path.join(REPO, "train_cwd.py")
+    with mock.patch.object(sys, "argv", [cwd_script, "--tau", "0"]), pytest.raises(SystemExit) as e:
+        runpy.run_path(cwd_script, run_name="__main__")
+    assert e.value.code == 2 and "--tau: must be a finite number > 0, got 0" in capsys.readouterr().err
 
 
 def test_live_bf16_teacher_and_bf16_training(data_dir, toy_teacher, tmp_path, capsys):

@@ -1,7 +1,7 @@
-"""torchrun: 2 CPU processes (gloo, DistributedDataParallel) train baseline, response KD, CWD and DIST (teacher-logit
-cache built by rank 0) and feature KD (return_features and the adapters through DDP) for 1 epoch; rank 0 alone writes
-and logs, and the all-reduced val mIoU equals a 1-process evaluation of the saved weights; the baseline then resumes
-under torchrun."""
+"""torchrun: 2 CPU processes (gloo, DistributedDataParallel) train the baseline and every distillation method (the
+teacher-logit cache built by rank 0; return_features and the methods' own modules through DDP) for 1 epoch; rank 0
+alone writes and logs, and the all-reduced val mIoU equals a 1-process evaluation of the saved weights; the baseline
+then resumes under torchrun."""
 import json
 import os
 import subprocess
@@ -12,38 +12,34 @@ import torch
 
 import common
 import evaluate
+import methods
 from conftest import REPO, small_run_args
 
+OUTPUTS = ["best.pth", "config.json", "history.json", "last.pth", "loss.png", "miou.png"]
 
-@pytest.mark.parametrize("script", ["train_baseline.py", "train_response_kd.py", "train_feature_kd.py", "train_cwd.py",
-                                    "train_dist.py"])
-def test_torchrun_two_processes(script, data_dir, tmp_path):
-    out = tmp_path / "run"
-    extra = []
-    if script != "train_baseline.py":
-        teacher = tmp_path / "teacher.pth"
-        torch.manual_seed(0)
-        torch.save({"model": common.Teacher(21).state_dict(), "arch": "teacher", "num_classes": 21}, teacher)
-        extra = ["--teacher-weights", str(teacher)]
-    argv = small_run_args(data_dir, out, "--lr", "1e-3", *extra, "--epochs", "1")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
-    proc = subprocess.run(launch + argv, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("epoch   0 | train loss") == 1 and proc.stdout.count("done: best val mIoU") == 1
-    assert "x 2 process(es)" in proc.stdout
-    assert sorted(os.listdir(out)) == sorted(["best.pth", "config.json", "history.json", "last.pth", "loss.png",
-                                              "miou.png"])
+
+def assert_equals_one_process_evaluation(out, data_dir, report):
+    """The run's all-reduced val mIoU (and pixel accuracy) is that of its saved weights evaluated in one process."""
     history = json.loads((out / "history.json").read_text())
     assert history[0]["train_img_s"] > 0 and len(history) == 1
-    report = tmp_path / "eval.json"
     evaluate.main(evaluate.get_args_parser().parse_args(
         ["--weights", str(out / "best.pth"), "--toy", "--data-dir", data_dir, "--limit-val", "12", "--workers", "0",
          "--json", str(report)]))
     single = json.loads(report.read_text())
     assert single["num_images"] == 12
     assert history[0]["val_miou"] == single["miou"] and history[0]["val_pixel_acc"] == single["pixel_acc"]
-    if script != "train_baseline.py":
-        return
+
+
+def test_torchrun_two_processes_baseline_then_resume(data_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = small_run_args(data_dir, out, "--lr", "1e-3", "--epochs", "1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_baseline.py"]
+    proc = subprocess.run(launch + argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("epoch   0 | train loss") == 1 and proc.stdout.count("done: best val mIoU") == 1
+    assert "x 2 process(es)" in proc.stdout
+    assert sorted(os.listdir(out)) == OUTPUTS
+    assert_equals_one_process_evaluation(out, data_dir, tmp_path / "eval.json")
     # resume under torchrun: both ranks restore the checkpoint, rank 0 alone logs and writes epoch 1
     again = subprocess.run(launch + [*argv[:-2], "--epochs", "2", "--resume"], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
@@ -52,6 +48,44 @@ def test_torchrun_two_processes(script, data_dir, tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1]
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
+
+
+EVERY_METHOD_UNDER_TORCHRUN = """
+import argparse, sys
+sys.path.insert(0, {repo!r})
+import errors, methods
+
+
+def main(args):  # every distillation method, one after another, in the same 2 processes (as the scripts run them)
+    for name in {names!r}:
+        method = methods.registry()[name]
+        methods.main(method, methods.get_args_parser(method).parse_args({argv!r} + ["--out-dir", {out!r} + name]))
+
+
+errors.main_entry(main, argparse.ArgumentParser)
+"""
+
+
+def test_torchrun_two_processes_every_distillation_method(data_dir, tmp_path):
+    """One torchrun launch trains every distillation method for an epoch (one launch, not one each: the suite's
+    time), each as its script's main does."""
+    names = [name for name, m in methods.registry().items() if m.TEACHER != "none"]
+    teacher = tmp_path / "teacher.pth"
+    torch.manual_seed(0)
+    torch.save({"model": common.Teacher(21).state_dict(), "arch": "teacher", "num_classes": 21}, teacher)
+    argv = small_run_args(data_dir, "", "--lr", "1e-3", "--teacher-weights", str(teacher), "--epochs", "1",
+                          "--image-size", "32", "--limit-train", "16")
+    del argv[argv.index("--out-dir"):argv.index("--out-dir") + 2]  # each method's own, set in the script
+    script = tmp_path / "every_method.py"
+    script.write_text(EVERY_METHOD_UNDER_TORCHRUN.format(repo=REPO, names=names, argv=argv, out=str(tmp_path) + "/"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("epoch   0 | train loss") == len(names) == proc.stdout.count("done: best val mIoU")
+    assert proc.stdout.count("x 2 process(es)") == len(names)
+    for name in names:
+        assert sorted(os.listdir(tmp_path / name)) == OUTPUTS, name
+        assert_equals_one_process_evaluation(tmp_path / name, data_dir, tmp_path / f"{name}.json")
 
 
 END_UNDER_TORCHRUN = """

@@ -1,5 +1,6 @@
-"""The house: the project's modules import each other without a cycle (imports inside functions included), shared
-modules never import a script, and each module imports on its own in a fresh interpreter, doing no work."""
+"""The house: the project's modules (the methods/ package's too) import each other without a cycle (imports inside
+functions included), shared modules never import a script, and each module imports on its own in a fresh
+interpreter, doing no work."""
 import ast
 import os
 import subprocess
@@ -7,20 +8,31 @@ import sys
 
 from conftest import REPO
 
-MODULES = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith(".py"))
+MODULES = sorted([f[:-3] for f in os.listdir(REPO) if f.endswith(".py")]
+                 + ["methods" if f == "__init__.py" else f"methods.{f[:-3]}"
+                    for f in os.listdir(os.path.join(REPO, "methods")) if f.endswith(".py")])
+
+
+def module_path(module):
+    if module == "methods":
+        return os.path.join(REPO, "methods", "__init__.py")
+    return os.path.join(REPO, *module.split(".")) + ".py"
 # the scripts a user runs; everything else is a shared module, which must not import them (STYLE.md)
 SCRIPTS = {m for m in MODULES if m.startswith(("train_", "time_", "evaluate", "demo", "bench_", "compare"))}
 
 
 def project_imports(module):
-    """The project modules `module` imports anywhere in its file (top level or inside a function)."""
-    tree = ast.parse(open(os.path.join(REPO, module + ".py")).read())
+    """The project modules `module` imports anywhere in its file (top level or inside a function); `from methods
+    import cwd` imports methods.cwd (and the package)."""
+    tree = ast.parse(open(module_path(module)).read())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
+            found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    found |= {name.split(".")[0] for name in found}
     return found & set(MODULES) - {module}
 
 
@@ -41,7 +53,7 @@ def test_import_graph_is_acyclic_and_points_from_scripts_to_shared_modules():
         visit(m)
     upward = {m: sorted(graph[m] & SCRIPTS) for m in MODULES if m not in SCRIPTS and graph[m] & SCRIPTS}
     assert not upward, f"shared modules importing scripts: {upward}"
-    assert {"common", "voc", "fileio", "engine", "distill"} <= set(MODULES) - SCRIPTS
+    assert {"common", "voc", "fileio", "engine", "distill", "methods", "methods.cwd"} <= set(MODULES) - SCRIPTS
 
 
 def test_each_module_imports_alone_and_does_no_work(tmp_path):
@@ -63,7 +75,7 @@ def test_only_entry_points_end_the_process():
     called by another script (compare.py runs many) and a failure there raises errors.UserError, reported per run."""
     enders = []
     for m in MODULES + [f"tools/{f[:-3]}" for f in os.listdir(os.path.join(REPO, "tools")) if f.endswith(".py")]:
-        tree = ast.parse(open(os.path.join(REPO, m + ".py")).read())
+        tree = ast.parse(open(module_path(m) if not m.startswith("tools/") else os.path.join(REPO, m + ".py")).read())
         for node in ast.walk(tree):
             name = None
             if isinstance(node, ast.Name) and node.id == "SystemExit":

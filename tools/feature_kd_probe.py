@@ -20,7 +20,8 @@ import distill  # noqa: E402
 import engine  # noqa: E402
 import errors  # noqa: E402
 import flags  # noqa: E402
-import train_feature_kd  # noqa: E402
+import methods  # noqa: E402
+from methods import feature_kd  # noqa: E402
 
 
 def get_args_parser():
@@ -61,28 +62,28 @@ def probe(student, adapters, compute_loss, loader, batches, weights):
 
 def main(args):
     with open(os.path.join(args.run_dir, "config.json")) as f:
-        config = json.load(f)
-    run_args = train_feature_kd.get_args_parser().parse_args([])
+        config = {flags.RENAMED.get(k, k): v for k, v in json.load(f).items()}  # a run recorded under the old names
+    run_args = methods.get_args_parser(feature_kd).parse_args([])
     run_args.__dict__.update({k: v for k, v in config.items() if k in vars(run_args)})
     run_args.workers, run_args.cache_dir = 0, config["cache_dir"]
     cpu = torch.device("cpu")
     data = common.data_config(run_args)
     dataset = common.build_datasets(data, splits=("train",))["train"]
-    criterion = torch.nn.CrossEntropyLoss(weight=common.compute_class_weights(dataset), ignore_index=255)
+    criterion = common.weighted_ce(dataset, cpu)
     teacher = distill.build_frozen_teacher(config["teacher_weights"], data.num_classes, cpu, "fp32")
-    weights = {"stage16": config["feat_weight"], "head": config["final_feat_weight"]}
+    weights = {"stage16": config["feat_stage16_weight"], "head": config["feat_head_weight"]}
     loader = engine.make_loader(dataset, config["batch_size"], 0, shuffle=True,
                                 generator=torch.Generator().manual_seed(0))
     result = {}
     torch.manual_seed(config["seed"])
-    states = {"start": (common.build_student(data.num_classes, pretrained=False), train_feature_kd.build_adapters())}
+    states = {"start": (common.build_student(data.num_classes, pretrained=False), feature_kd.build_adapters())}
     ckpt = common.read_checkpoint(os.path.join(args.run_dir, "last.pth"), "run_dir")
-    trained, adapters = common.build_student(data.num_classes, pretrained=False), train_feature_kd.build_adapters()
+    trained, adapters = common.build_student(data.num_classes, pretrained=False), feature_kd.build_adapters()
     trained.load_state_dict(ckpt["model"])
     adapters.load_state_dict(ckpt["adapters"])
     states[f"after epoch {ckpt['epoch']}"] = (trained, adapters)
     for label, (student, adapters) in states.items():
-        compute_loss = train_feature_kd.make_compute_loss(criterion, teacher, "fp32", adapters, weights)
+        compute_loss = feature_kd.make_compute_loss(criterion, teacher, "fp32", adapters, weights)
         result[label] = probe(student, adapters, compute_loss, loader, args.batches, weights)
         print(f"{label:>16s}: " + "  ".join(f"{k} {v:.4f}" for k, v in result[label].items()), flush=True)
     print(json.dumps(result, separators=(",", ":")))

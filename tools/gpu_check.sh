@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one command: the `cuda` tests, the training-throughput benchmark (bench_throughput.py) on the toy
-# set and on a real-VOC subset, then a small comparison on that subset (compare.py: 4 strategies x 2 seeds, the
+# set and on a real-VOC subset, then a small comparison on that subset (compare.py: every strategy x 2 seeds, the
 # teacher fine-tuned first, final evaluation at 6 scales + flip) and one of its models evaluated single-scale and
 # multi-scale + flip (evaluate.py, the time of each). Writes OUT/log.txt, OUT/cuda_tests.xml, OUT/figures.json and
 # OUT/compare/results.md (default OUT: gpu_check/).
@@ -46,7 +46,7 @@ if [ -d voc_subset ]; then
     $python bench_throughput.py --data-dir voc_subset --no-download "${bench[@]}" --steps $voc_steps \
         --json "$out/bench_voc.json" || status=1
     scales=(--scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip)
-    $python compare.py --data-dir voc_subset --no-download --no-pretrained --strategies baseline,response-kd,cwd,dist \
+    $python compare.py --data-dir voc_subset --no-download --no-pretrained --strategies all \
         --seeds 0,1 "${compare[@]}" "${scales[@]}" --out-dir "$out/compare" || status=1
     model="$out/compare/baseline_seed0/last.pth"
     if [ -f "$model" ]; then
