@@ -31,14 +31,6 @@ from distributed import init_distributed
 STRATEGIES = tuple(methods.registry())
 
 
-def strategy_list(text):
-    names = text.split(",")
-    unknown = [n for n in names if n not in STRATEGIES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown strategy {unknown[0]!r}; choose from {','.join(STRATEGIES)}")
-    return names
-
-
 def get_args_parser():
     parser = argparse.ArgumentParser(
         description="Training throughput of each strategy, the cache build and the loader.")
@@ -54,8 +46,8 @@ def get_args_parser():
     engine.add_amp_arg(parser)
     parser.add_argument("--memory-format", choices=("channels_last", "contiguous", "both"), default="channels_last",
                         help="layout of the training step; both: each strategy in both layouts (default: %(default)s)")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES), type=strategy_list,
-                        help=f"comma-separated subset of {','.join(STRATEGIES)} (default: all)")
+    parser.add_argument("--strategies", default="all", type=flags.name_list(STRATEGIES),
+                        help=f"comma-separated subset of {','.join(STRATEGIES)}, or all (default: %(default)s)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH")
     return parser
 

@@ -43,16 +43,6 @@ BASELINE = "baseline"
 RUN_FLAGS = {"out_dir", "resume", "seed", "init_weights"}  # set by the comparison per run, never swept
 
 
-def strategy_list(text):
-    if text == "all":
-        return list(STRATEGIES)
-    names = [n.strip() for n in text.split(",")]
-    unknown = [n for n in names if n not in STRATEGIES]
-    if unknown or len(set(names)) < len(names):
-        raise argparse.ArgumentTypeError(f"must be distinct names from {', '.join(STRATEGIES)}, got {text}")
-    return names
-
-
 def seed_list(text):
     try:
         seeds = [int(s) for s in text.split(",")]
@@ -65,7 +55,7 @@ def seed_list(text):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Train strategies x seeds with one recipe and compare them.")
-    parser.add_argument("--strategies", type=strategy_list, default="baseline,response-kd,cwd,dist",
+    parser.add_argument("--strategies", type=flags.name_list(STRATEGIES), default="baseline,response-kd,cwd,dist",
                         help=f"comma-separated, from {', '.join(STRATEGIES)}; or all (default: %(default)s)")
     parser.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds; every strategy "
                         "trains once per seed (default: %(default)s)")

@@ -1,8 +1,8 @@
-"""The whole story on the offline toy set, as one preset of compare.py: fine-tune the teacher, train the baseline,
-response-KD, CWD and DIST students (with --all every other method too) on the same data for several seeds, and report each
-student's final val mIoU as mean +- std over the seeds, the paired difference against the baseline, the teacher as
-the reference. With --live-kd, also response KD with the live teacher on the same seeds and the teacher-logit cache's
-fidelity under augmentation.
+"""The whole story on the offline toy set, as one preset of compare.py: fine-tune the teacher, train the baseline and
+every method that reads the teacher-logit cache (response KD, CWD, DIST, LSKD; with --all every method, the feature
+methods too) on the same data for several seeds, and report each student's final val mIoU as mean +- std over the
+seeds, the paired difference against the baseline, the teacher as the reference. With --live-kd, also the methods'
+live-teacher variants (response KD with the live teacher) and the teacher-logit cache's fidelity under augmentation.
 
     python demo.py                       # ~11 min on 2 CPU cores; results in checkpoints/demo/
     python demo.py --all                 # then: + every other method (LSKD, and the feature methods, which run the
@@ -62,9 +62,8 @@ def get_args_parser():
 def compare_args(args):
     """The comparison this demo is: compare.py's namespace, its defaults replaced by the demo's toy presets."""
     ns = compare.get_args_parser().parse_args([])
-    ns.strategies = ["baseline", "response-kd", "cwd", "dist"]
-    ns.strategies += [name for name in methods.registry() if name not in ns.strategies] * args.all
-    ns.strategies += ["response-kd-live"] * args.live_kd
+    ns.strategies = [name for name, m in methods.registry().items() if args.all or m.TEACHER in ("none", "logits")]
+    ns.strategies += [name for name, (_, fixed) in methods.strategies().items() if fixed] * args.live_kd  # variants
     for dest in ("seeds", "out_dir", "teacher_epochs", "epochs", "image_size", "batch_size", "lr", "data_dir",
                  "limit_train", "limit_val"):
         setattr(ns, dest, getattr(args, dest))

@@ -41,6 +41,19 @@ def scales(text):
     return values
 
 
+def name_list(allowed):
+    """An argparse type: comma-separated distinct names from allowed (in the order given), or "all" (every one)."""
+    def parse(text):
+        if text == "all":
+            return list(allowed)
+        names = [n.strip() for n in text.split(",")]
+        if any(n not in allowed for n in names) or len(set(names)) < len(names):
+            raise argparse.ArgumentTypeError(f"must be all or distinct names from {','.join(allowed)}, got {text}")
+        return names
+    parse.__name__ = "list of names"
+    return parse
+
+
 def add_multiscale_args(parser):
     """--scales and --flip of the final evaluation (evaluate.py, compare.py)."""
     parser.add_argument("--scales", type=scales, default=(1.0,), metavar="S1,S2,...",

@@ -4,8 +4,10 @@ matches the teacher's logit relations rather than their range, plus weighted cro
 
 loss = ce_weight * CE_w(student, labels) + lskd_weight * tau^2 * KL(softmax(z(t)/tau) || softmax(z(s)/tau)),
 z(x) = (x - mean_c x) / (1e-7 + std_c x) (unbiased std over the classes, as the authors' normalize()), the KL summed
-over classes and averaged over non-255 pixels at the input size, like response KD (whose pixels and teacher-logit
-cache it shares, so the two rows differ only by the standardisation and the defaults).
+over classes and averaged over the non-255 positions at the teacher's stride 8, as CWD and DIST (the student's
+stride-16 logits upsampled 2x; the teacher's from the teacher-logit cache or live; each position's label the one at
+its centre). At the input size, like response KD, its per-pixel standardisation made an epoch cost 2.3x the
+baseline's (bench_throughput.py, 256 px, one CPU thread; response KD: 1.5x); stride 8 has 64x fewer positions.
 
 Defaults from the authors' code (github.com/sunshangquan/logit-standardization-KD: README's "KD+Ours" command
 `--logit-stand --base-temp 2 --kd-weight 9`, mdistiller/distillers/KD.py): tau 2, weight 9. They published no
@@ -46,9 +48,11 @@ def build_loss(args, context):
     tau, ce_weight, lskd_weight = args.tau, args.ce_weight, args.lskd_weight
 
     def compute_loss(net, batch):
-        logits = net(batch["image"])
-        teacher_logits = distill.batch_teacher_logits(batch, teacher, teacher_dtype)
+        logits, feats = net(batch["image"], return_features=True)
+        teacher_logits = distill.teacher_native_logits(batch, teacher, teacher_dtype)
+        student = distill.to_teacher_size(feats["logits"], teacher_logits)
         ce = criterion(logits, batch["mask"])
-        lskd = lskd_loss(logits, teacher_logits, tau, batch["mask"] != common.IGNORE_INDEX)
+        valid = distill.cell_labels(batch["mask"], student.shape[-2:]) != common.IGNORE_INDEX
+        lskd = lskd_loss(student, teacher_logits, tau, valid)
         return ce_weight * ce + lskd_weight * lskd, {"ce": ce, "lskd": lskd}
     return Loss(compute_loss)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import demo
+import methods
 
 
 def test_demo_table_summarises_every_seed(data_dir, tmp_path):
@@ -14,12 +15,14 @@ def test_demo_table_summarises_every_seed(data_dir, tmp_path):
     argv = ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1", "--teacher-epochs", "1",
             "--image-size", "32", "--limit-train", "16", "--limit-val", "20", "--seeds", "0,1", "--live-kd"]
     rows = demo.main(demo.get_args_parser().parse_args(argv))
-    # feature KD (live teacher) only with --all; its script's CLI is covered in test_distillation
-    assert [r["model"] for r in rows] == ["baseline", "response-kd", "cwd", "dist", "response-kd-live"]
+    # the baseline and the methods reading the logit cache, then the live-teacher variant (--live-kd); the feature
+    # methods (live teacher) only with --all: their scripts are covered in test_distillation
+    names = [n for n, m in methods.registry().items() if m.TEACHER in ("none", "logits")] + ["response-kd-live"]
+    assert [r["model"] for r in rows] == names and {"baseline", "response-kd", "cwd", "dist", "lskd"} <= set(names)
     report = json.loads((out / "results.json").read_text())
     results = {r["model"]: r for r in report["rows"]}
     assert report["teacher"]["miou"] == json.loads((out / "teacher" / "history.json").read_text())[-1]["val_miou"]
-    for name in ("baseline", "response-kd", "cwd", "dist", "response-kd-live"):
+    for name in names:
         finals = [json.loads((out / f"{name}_seed{s}" / "history.json").read_text())[-1]["val_miou"]
                   for s in (0, 1)]
         assert results[name]["miou_runs"] == finals and results[name]["seeds"] == 2
@@ -27,8 +30,9 @@ def test_demo_table_summarises_every_seed(data_dir, tmp_path):
         assert results[name]["miou_std"] == pytest.approx(statistics.stdev(finals))
     table = (out / "results.md").read_text().splitlines()
     assert table[0].startswith("| model | params (M) | seeds | final val mIoU (mean +- std) |")
-    assert [line.split(" | ")[0] for line in table[2:8]] == ["| teacher", "| baseline", "| response-kd", "| cwd",
-                                                             "| dist", "| response-kd-live"] and table[8] == ""
+    rows_end = 3 + len(names)
+    assert [line.split(" | ")[0] for line in table[2:rows_end]] == ["| teacher"] + [f"| {n}" for n in names]
+    assert table[rows_end] == ""
     for name in ("summary.png", "miou_all.png"):
         assert Image.open(out / name).size[0] >= 500
     fidelity = json.loads((out / "fidelity.json").read_text())
