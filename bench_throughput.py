@@ -1,7 +1,7 @@
 """Training throughput of the real recipe (student at 256 x 256, batch 16): train img/s and data-wait fraction of
 every method (the logit methods read the teacher-logit cache, the feature methods run the teacher live), the cache
-build's img/s, and the loader alone. Random weights (the speed is the same), the toy set or VOC; the last line of stdout is one JSON
-document.
+build's img/s, and the loader alone. Random weights (the speed is the same), the toy set or VOC; the last line of
+stdout is one JSON document.
 
     python bench_throughput.py --toy                                   # CUDA if available, else CPU (slow: minutes)
     python bench_throughput.py --toy --amp --workers 8 --json bench.json          # the GPU recipe

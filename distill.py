@@ -104,9 +104,10 @@ def teacher_native_logits(batch, teacher, teacher_dtype):
     return run_teacher(teacher, batch, teacher_dtype, upsample=False)
 
 
-# The last features before each network's classifier: the student's head (256 channels, stride 16) and the FCN head's
-# (512 channels, stride 8). CIRKD compares networks there (its models' last output, the decoder's feature: losses/cwd.py,
-# skd.py, at.py of github.com/winycg/CIRKD), and so do the feature methods mgd, feature-cwd, pairwise and at here.
+# The last features before each network's classifier: the student's head (256 channels, stride 16) and the FCN
+# head's (512 channels, stride 8). CIRKD compares networks there (its models' last output, the decoder's feature:
+# losses/cwd.py, skd.py, at.py of github.com/winycg/CIRKD), and so do the feature methods mgd, feature-cwd, pairwise
+# and at here.
 HEAD_CHANNELS = {"student": 256, "teacher": 512}
 
 

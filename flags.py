@@ -64,6 +64,7 @@ def add_multiscale_args(parser):
                         help="also evaluate each scale's horizontal mirror (its logits mirrored back), averaged in")
     return parser
 
+
 # --image-size when it is not given, by what a script does with the images: the one place these defaults live
 REAL_IMAGE_SIZE, TOY_IMAGE_SIZE = 256, 128
 IMAGE_SIZE_RULES = {
@@ -109,8 +110,6 @@ def add_data_args(parser, image_size_rule, seed=True):
     if seed:
         parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     return parser
-
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ A method module holds
     build_loss(args, context)   -> Loss: compute_loss(net, batch) -> (loss, {term: value}) and the modules that train
                                 with the student (adapters, generators: saved as the checkpoint's "adapters")
 and may hold VARIANTS ({strategy: {flag: value}}, e.g. response-kd-live), OLD_FLAGS (renamed flags whose old names
-still work, keys of flags.RENAMED) and run_name(args) (the run's strategy name, if not NAME). A thin train_<name>.py makes it a command: get_args_parser() and main(args) from here.
+still work, keys of flags.RENAMED) and run_name(args) (the run's strategy name, if not NAME). A thin train_<name>.py
+makes it a command: get_args_parser() and main(args) from here.
 """
 import argparse
 import dataclasses
@@ -28,7 +29,9 @@ import distill
 import engine
 import flags
 
+
 class Loss(typing.NamedTuple):
+    """What build_loss returns: the loss of a batch and the modules that train with the student."""
     compute_loss: typing.Callable  # (net, batch) -> (loss, {term: value})
     modules: nn.ModuleDict | None = None  # trained with the student, saved as the checkpoint's "adapters"
 

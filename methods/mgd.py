@@ -15,8 +15,9 @@ psp_r101_distill_deepv3_r18_40k_512x512_city.py and seg/mmseg/distillation/): al
 layer4, 512 ch -> R101 layer4, 2048 ch); here the last features before each classifier (student head, 256 ch at
 stride 16, aligned then upsampled 2x bilinearly -> FCN head, 512 ch at stride 8; distill.HEAD_CHANNELS), because the
 generator's two 3x3 convs cost channels^2: at layer4's 2048 channels, 77 G multiply-adds per 256-px image, twice the
-whole FCN-ResNet50 forward (35 G; the student's: 0.7 G); at 512 channels 4.8 G (torch.utils.flop_counter). The summed error grows with the map's size, so alpha_mgd's effect depends on the resolution (the authors:
-2048 x 64 x 64 per image; here 512 x 32 x 32 at 256 px).
+whole FCN-ResNet50 forward (35 G; the student's: 0.7 G); at 512 channels 4.8 G (torch.utils.flop_counter). The
+summed error grows with the map's size, so alpha_mgd's effect depends on the resolution (the authors: 2048 x 64 x 64
+per image; here 512 x 32 x 32 at 256 px).
 """
 import torch
 import torch.nn as nn
