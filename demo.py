@@ -4,10 +4,9 @@ methods too) on the same data for several seeds, and report each student's final
 seeds, the paired difference against the baseline, the teacher as the reference. With --live-kd, also the methods'
 live-teacher variants (response KD with the live teacher) and the teacher-logit cache's fidelity under augmentation.
 
-    python demo.py                       # ~11 min on 2 CPU cores; results in checkpoints/demo/
-    python demo.py --all                 # then: + every other method (LSKD, and the feature methods, which run the
-                                         #   teacher live: ~25 min more)
-    python demo.py --live-kd             # then: + response KD with the live teacher, cache fidelity (~3 min more)
+    python demo.py                       # ~22 min on one CPU core (the teacher 13); results in checkpoints/demo/
+    python demo.py --all                 # then: + the feature methods, which run the teacher live (~36 min more)
+    python demo.py --live-kd             # then: + response KD with the live teacher, cache fidelity
     python demo.py --real --data-dir ./data --image-size 256 --epochs 50 --teacher-epochs 0 --pretrained
 
 Running it again continues where it stopped and keeps every finished run (compare.py's resumption).

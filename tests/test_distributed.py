@@ -18,15 +18,15 @@ from conftest import REPO, small_run_args
 OUTPUTS = ["best.pth", "config.json", "history.json", "last.pth", "loss.png", "miou.png"]
 
 
-def assert_equals_one_process_evaluation(out, data_dir, report):
+def assert_equals_one_process_evaluation(out, data_dir, report, limit_val=12):
     """The run's all-reduced val mIoU (and pixel accuracy) is that of its saved weights evaluated in one process."""
     history = json.loads((out / "history.json").read_text())
     assert history[0]["train_img_s"] > 0 and len(history) == 1
     evaluate.main(evaluate.get_args_parser().parse_args(
-        ["--weights", str(out / "best.pth"), "--toy", "--data-dir", data_dir, "--limit-val", "12", "--workers", "0",
-         "--json", str(report)]))
+        ["--weights", str(out / "best.pth"), "--toy", "--data-dir", data_dir, "--limit-val", str(limit_val),
+         "--workers", "0", "--json", str(report)]))
     single = json.loads(report.read_text())
-    assert single["num_images"] == 12
+    assert single["num_images"] == limit_val
     assert history[0]["val_miou"] == single["miou"] and history[0]["val_pixel_acc"] == single["pixel_acc"]
 
 
@@ -74,7 +74,7 @@ def test_torchrun_two_processes_every_distillation_method(data_dir, tmp_path):
     torch.manual_seed(0)
     torch.save({"model": common.Teacher(21).state_dict(), "arch": "teacher", "num_classes": 21}, teacher)
     argv = small_run_args(data_dir, "", "--lr", "1e-3", "--teacher-weights", str(teacher), "--epochs", "1",
-                          "--image-size", "32", "--limit-train", "16")
+                          "--image-size", "32", "--limit-train", "16", "--limit-val", "6")
     del argv[argv.index("--out-dir"):argv.index("--out-dir") + 2]  # each method's own, set in the script
     script = tmp_path / "every_method.py"
     script.write_text(EVERY_METHOD_UNDER_TORCHRUN.format(repo=REPO, names=names, argv=argv, out=str(tmp_path) + "/"))
@@ -85,7 +85,7 @@ def test_torchrun_two_processes_every_distillation_method(data_dir, tmp_path):
     assert proc.stdout.count("x 2 process(es)") == len(names)
     for name in names:
         assert sorted(os.listdir(tmp_path / name)) == OUTPUTS, name
-        assert_equals_one_process_evaluation(tmp_path / name, data_dir, tmp_path / f"{name}.json")
+        assert_equals_one_process_evaluation(tmp_path / name, data_dir, tmp_path / f"{name}.json", limit_val=6)
 
 
 END_UNDER_TORCHRUN = """
