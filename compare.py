@@ -44,10 +44,7 @@ RUN_FLAGS = {"out_dir", "resume", "seed", "init_weights"}  # set by the comparis
 
 
 def seed_list(text):
-    try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text}") from None
+    seeds = [flags.seed_value(s) for s in text.split(",")]  # each in numpy's seed range
     if len(set(seeds)) < len(seeds):
         raise argparse.ArgumentTypeError(f"must be distinct, got {text}")
     return seeds
@@ -269,7 +266,7 @@ def summarise_row(row, runs, base_runs):
     ok = [r for r in runs if r["status"] == "done"]
     final = {r["seed"]: r["history"][-1]["val_miou"] for r in ok}
     best = {r["seed"]: max(h["val_miou"] for h in r["history"]) for r in ok}
-    base = {r["seed"]: r["history"][-1]["val_miou"] for r in base_runs if r["status"] == "done"}
+    base = {r["seed"]: r["history"][-1]["val_miou"] for r in base_runs or () if r["status"] == "done"}
     diffs = [final[s] - base[s] for s in final if s in base] if base_runs is not None else []
     times = [h["epoch_s"] for r in ok for h in r["history"]]
     ms = [r["final_eval"]["miou"] for r in ok if "final_eval" in r]

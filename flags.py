@@ -26,8 +26,12 @@ non_negative_int = checked(int, lambda v: v >= 0, ">= 0")
 positive_float = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
 non_negative_float = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 fraction = checked(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
+seed_value = checked(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32), the range numpy's seed takes")
 MIN_IMAGE_SIZE = 16
 image_size = checked(int, lambda v: v >= MIN_IMAGE_SIZE, f">= {MIN_IMAGE_SIZE} (the networks downsample by 16)")
+
+
+MAX_SCALE = 4.0  # mmsegmentation's multi-scale test goes to 1.75; 4 leaves room, a typo (125) does not build 32k-px inputs
 
 
 def scales(text):
@@ -36,8 +40,9 @@ def scales(text):
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.5,1.0,1.5, got {text}") from None
-    if not all(0 < v < math.inf for v in values) or len(set(values)) < len(values):
-        raise argparse.ArgumentTypeError(f"must be distinct finite numbers > 0, got {text}")
+    if not all(0 < v <= MAX_SCALE for v in values) or len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"must be distinct numbers in (0, {MAX_SCALE:g}], got {text} (a scale s costs "
+                                         f"s^2 a single-scale pass: {MAX_SCALE:g} is already {MAX_SCALE ** 2:g}x)")
     return values
 
 
@@ -108,7 +113,7 @@ def add_data_args(parser, image_size_rule, seed=True):
                         help="data loader worker processes (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     if seed:
-        parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+        parser.add_argument("--seed", type=seed_value, default=0, help="random seed (default: %(default)s)")
     return parser
 
 

@@ -144,6 +144,18 @@ def test_bad_grid_is_one_line_before_any_work(grid, message, data_dir, tmp_path)
     assert not (tmp_path / "cmp").exists()
 
 
+def test_seeds_outside_numpys_range_are_refused_and_a_swept_baseline_has_no_pairs(capsys):
+    """--seeds -1 was accepted, then every run failed in numpy; a grid over the baseline left no plain baseline row
+    and the summary crashed (TypeError) before writing any table."""
+    for bad in ("-1", "0,4294967296"):
+        with pytest.raises(SystemExit) as e:
+            compare.get_args_parser().parse_args(["--seeds", bad])
+        assert e.value.code == 2 and "--seeds: must be an integer in [0, 2^32)" in capsys.readouterr().err
+    run = {"seed": 0, "status": "done", "history": [{"val_miou": 5.0, "val_pixel_acc": 80.0, "epoch_s": 1.0}]}
+    row = compare.summarise_row(compare.Row("baseline lr=0.001", "baseline", (("lr", 1e-3),)), [run], None)
+    assert row["miou"] == 5.0 and row["diff"] is None and row["diff_pairs"] == 0
+
+
 def test_grid_takes_the_new_flag_names_and_the_old_ones_as_them(capsys):
     """A sweep of a renamed flag: the new name, or the old one (with its deprecation line), labelled and stored under
     the new name; every strategy the registry knows, and 'all'."""

@@ -132,5 +132,9 @@ def test_scales_are_checked(student_weights, data_dir, tmp_path, capsys):
     assert_flag_refused(evaluate, ["--scales", "1.0,x"], capsys)
     assert_flag_refused(evaluate, ["--scales", "1.0,1.0"], capsys)
     assert_flag_refused(evaluate, ["--scales", "0,1"], capsys)
+    with pytest.raises(SystemExit) as e:  # a typo for 1.25: 32,000-px inputs at 256 px, refused with the reason
+        evaluate.get_args_parser().parse_args(["--scales", "0.5,1,125"])
+    assert e.value.code == 2 and "--scales: must be distinct numbers in (0, 4], got 0.5,1,125 (a scale s costs s^2" \
+        in capsys.readouterr().err
     with pytest.raises(errors.UserError, match=r"--scales 0.25 at --image-size 32 gives inputs under 16 px"):
         run_evaluate(student_weights[0], data_dir, tmp_path, "--scales", "0.25,1")
