@@ -31,7 +31,8 @@ MIN_IMAGE_SIZE = 16
 image_size = checked(int, lambda v: v >= MIN_IMAGE_SIZE, f">= {MIN_IMAGE_SIZE} (the networks downsample by 16)")
 
 
-MAX_SCALE = 4.0  # mmsegmentation's multi-scale test goes to 1.75; 4 leaves room, a typo (125) does not build 32k-px inputs
+# mmsegmentation's multi-scale test goes to 1.75; 4 leaves room, and a typo (125) does not build 32k-px inputs
+MAX_SCALE = 4.0
 
 
 def scales(text):
