@@ -176,7 +176,7 @@ def bench_config(device, data, batch_size, precision, channels_last):
     """A TrainConfig for timing steps: no sync points inside the timed steps but the last."""
     return engine.TrainConfig(strategy="bench", device=device, data=data, out_dir="", resume=None, epochs=1,
                               batch_size=batch_size, lr=1e-4, weight_decay=0.0, lr_factor=0.5, lr_patience=5,
-                              save_every=1, precision=precision, accumulate=1, channels_last=channels_last,
+                              save_every=1, precision=precision, accumulate=1, channels_last=channels_last, data_on_device="off",
                               sync_bn=False, skip_nonfinite=False, log_every=10 ** 9, flags={})
 
 

@@ -54,26 +54,35 @@ def resolve_data_root(data_dir, toy, download):
 # Augmentation as one sampling grid per sample: the same geometry for image, mask and teacher logits
 # ---------------------------------------------------------------------------------------------
 
-def sample_grid(height, width, size, rng=None, scale_range=(0.5, 2.0)):
-    """Normalised sampling grid (size, size, 2) for F.grid_sample (align_corners=False).
+def crop_box(height, width, size, rng=None, scale_range=(0.5, 2.0)):
+    """The augmentation of one sample as (scaled height, scaled width, top, left, flip), in pixels of the scaled image.
 
     rng=None: plain resize of the whole image to size x size (validation, augmentation off).
     Otherwise: resize so the shorter side is size * s, s ~ U(scale_range), take a random
     size x size window (padding where the image is smaller), flip horizontally with p=0.5."""
-    steps = (torch.arange(size, dtype=torch.float32) + 0.5)
     if rng is None:
-        gy = 2 * steps / size - 1
-        gx = gy
-    else:
-        r = rng.uniform(*scale_range) * size / min(height, width)
-        sh, sw = height * r, width * r
-        y0 = rng.uniform(min(0.0, sh - size), max(0.0, sh - size))
-        x0 = rng.uniform(min(0.0, sw - size), max(0.0, sw - size))
-        gy = 2 * (y0 + steps) / sh - 1
-        gx = 2 * (x0 + steps) / sw - 1
-        if rng.random() < 0.5:
-            gx = -gx
-    return torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)
+        return (float(size), float(size), 0.0, 0.0, 0.0)
+    r = rng.uniform(*scale_range) * size / min(height, width)
+    sh, sw = height * r, width * r
+    y0 = rng.uniform(min(0.0, sh - size), max(0.0, sh - size))
+    x0 = rng.uniform(min(0.0, sw - size), max(0.0, sw - size))
+    return (sh, sw, y0, x0, float(rng.random() < 0.5))
+
+
+def grids_from_boxes(boxes, size):
+    """Normalised sampling grids (B, size, size, 2) for F.grid_sample (align_corners=False) from crop boxes (B, 5),
+    a float64 tensor of crop_box() rows, on the boxes' device (the device-resident path builds a batch's there)."""
+    steps = torch.arange(size, dtype=torch.float64, device=boxes.device) + 0.5
+    sh, sw, y0, x0, flip = (boxes[:, j, None] for j in range(5))
+    gy = 2 * (y0 + steps) / sh - 1
+    gx = (2 * (x0 + steps) / sw - 1) * (1 - 2 * flip)
+    return torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1).float()
+
+
+def sample_grid(height, width, size, rng=None, scale_range=(0.5, 2.0)):
+    """Normalised sampling grid (size, size, 2) of one sample's crop_box()."""
+    box = torch.tensor([crop_box(height, width, size, rng, scale_range)], dtype=torch.float64)
+    return grids_from_boxes(box, size)[0]
 
 
 def outside_image(grid):
@@ -121,12 +130,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
+    def box(self, i, epoch):
+        """The crop_box() of item i (an index into the cache) in epoch: a per-(seed, epoch, item) RNG, so the
+        augmentation is the same whatever the workers, ranks, data path or resume."""
+        rng = np.random.default_rng([self.seed, epoch, i]) if self.augment else None
+        return crop_box(*self.cache.shapes[i], self.image_size, rng)
+
     def __getitem__(self, k):
+        """Item k of the split; k may be (epoch, k), as a sampler that outlives an epoch (persistent workers) gives."""
+        epoch, k = k if isinstance(k, tuple) else (self.epoch, k)
         i = self.indices[k]
         img, mask = self.cache.get(i)
-        # per-(seed, epoch, item) RNG: identical augmentation whatever the workers/ranks/resume
-        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.augment else None
-        grid = sample_grid(img.shape[0], img.shape[1], self.image_size, rng)
+        grid = grids_from_boxes(torch.tensor([self.box(i, epoch)], dtype=torch.float64), self.image_size)[0]
         item = {"image": warp_image(img, grid), "index": i}
         if self.scales is not None:
             h, w = img.shape[:2]

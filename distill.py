@@ -226,10 +226,22 @@ class TeacherLogitCache:
         fileio.write_json(self.path[:-4] + ".json", {"key": key, "teacher_dtype": self.precision,
                                                       "build_s": self.build_s, "file": record})
 
-    def __call__(self, i):
+    def _array(self):
         if self._logits is None:  # opened lazily, once per (worker) process
             self._logits = np.load(self.path, mmap_mode="r")
-        return torch.from_numpy(np.array(self._logits[i]))
+        return self._logits
+
+    def __call__(self, i):
+        return torch.from_numpy(np.array(self._array()[i]))
+
+    @property
+    def item_bytes(self):
+        """Bytes of one image's logits."""
+        return int(np.prod(self._array().shape[1:])) * 2
+
+    def stack(self, indices):
+        """The logits of images `indices` as one (N, C, h, w) fp16 tensor (the device-resident path uploads it)."""
+        return torch.from_numpy(np.array(self._array()[np.asarray(indices)]))
 
 
 def cached_teacher_logits(batch, grid=None):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import device_data
 import errors
 import fileio
 import flags
@@ -130,6 +131,11 @@ def add_recipe_args(parser, default_epochs=50, seed=True):
                         help="train in channels_last memory format: 1.5x the img/s of contiguous tensors for the "
                              "student on a 2-core AVX-512 CPU (bench_throughput.py), and what tensor cores want "
                              "(default: on)")
+    parser.add_argument("--data-on-device", choices=device_data.MODES, default="auto",
+                        help="hold the training split (uint8 pixels and masks, cached teacher logits) in the training "
+                             "device's memory and augment each batch there (batched grid_sample): no loader workers "
+                             "to wait for. auto: on for CUDA when the split takes at most "
+                             f"{device_data.FREE_MEMORY_SHARE:.0%} of its free memory, off on CPU (default: %(default)s)")
     parser.add_argument("--sync-bn", action="store_true",
                         help="synchronise BatchNorm statistics across torchrun processes (CUDA only)")
     parser.add_argument("--skip-nonfinite", action="store_true",
@@ -158,6 +164,7 @@ class TrainConfig:
     precision: str
     accumulate: int
     channels_last: bool
+    data_on_device: str
     sync_bn: bool
     skip_nonfinite: bool
     log_every: int
@@ -181,7 +188,7 @@ def setup(args, strategy):
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        lr_factor=args.lr_factor, lr_patience=args.lr_patience, save_every=args.save_every,
                        precision=precision, accumulate=args.accumulate, channels_last=args.channels_last,
-                       sync_bn=args.sync_bn, skip_nonfinite=args.skip_nonfinite, log_every=args.log_every,
+                       data_on_device=args.data_on_device, sync_bn=args.sync_bn, skip_nonfinite=args.skip_nonfinite, log_every=args.log_every,
                        flags=recorded)
 
 
@@ -229,26 +236,83 @@ def resolve_run_folder(out_dir, resume, strategy):
 # Data loading and evaluation
 # ---------------------------------------------------------------------------------------------
 
-def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, skip_batches=0):
-    """Batches of dataset, this process's share of them; shuffle uses generator's permutation (drop_last), of which
-    the first skip_batches batches are left out (resuming inside an epoch gives exactly the batches left)."""
+def epoch_order(n, batch_size, generator, skip_batches=0):
+    """This process's positions of one shuffled epoch of n items: one permutation for all ranks (generator's), cut to
+    whole batches of every rank when there are more than one round of them (drop_last); rank r takes every world-th
+    position (DistributedSampler's split); the first skip_batches batches are left out (resuming inside an epoch
+    gives exactly the batches left)."""
     world, r = world_size(), rank()
-    drop_last = shuffle and len(dataset) > batch_size * world
-    if shuffle:  # one permutation for all ranks; rank r takes every world-th index (DistributedSampler's split)
-        order = torch.randperm(len(dataset), generator=generator).tolist()
-        if drop_last:
-            order = order[:len(order) // (batch_size * world) * batch_size * world]
-        sampler = order[r::world][skip_batches * batch_size:]
-    else:
-        sampler = list(range(r, len(dataset), world))
+    order = torch.randperm(n, generator=generator).tolist()
+    if n > batch_size * world:
+        order = order[:n // (batch_size * world) * batch_size * world]
+    return order[r::world][skip_batches * batch_size:]
+
+
+def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, skip_batches=0, sampler=None,
+                persistent=False, pin_memory=False):
+    """Batches of dataset, this process's share of them: in order, or shuffled by generator's permutation
+    (epoch_order), or as a given sampler yields them. persistent: the workers start once and serve every pass over
+    the loader (until it is deleted), instead of starting again each time."""
+    if sampler is None:
+        sampler = (epoch_order(len(dataset), batch_size, generator, skip_batches) if shuffle else
+                   list(range(rank(), len(dataset), world_size())))
     # an explicit generator also keeps the loader from drawing its worker seed from the global RNG, which would
     # shift dropout's random stream between an uninterrupted and a resumed run
     if workers:
         stop_workers_at_exit()
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       collate_fn=common.collate, drop_last=drop_last, pin_memory=False,
+                                       collate_fn=common.collate, pin_memory=pin_memory,
+                                       persistent_workers=persistent and workers > 0,
+                                       prefetch_factor=4 if workers else None,
                                        generator=generator or torch.Generator().manual_seed(0),
                                        worker_init_fn=ignore_stop_signals)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The items of this process's share of one epoch, as (epoch, position), set before each epoch: a sampler that
+    lasts the run, so its loader's workers do too (persistent) and each item still carries its epoch's augmentation."""
+
+    def __init__(self):
+        self.items = []
+
+    def set_epoch(self, epoch, order):
+        self.items = [(epoch, k) for k in order]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
+class TrainBatches:
+    """The training split's batches, epoch by epoch (for_epoch): augmented on the device from a DeviceSplit
+    (--data-on-device), or from one DataLoader whose workers start once and serve every epoch (pinned memory on
+    CUDA). The order of an epoch is seeded by (seed, epoch) alike on both paths."""
+
+    def __init__(self, dataset, cfg):
+        self.dataset, self.batch_size, self.seed = dataset, cfg.batch_size, cfg.data.seed
+        nbytes = device_data.split_bytes(dataset)
+        self.on_device = device_data.resolve(cfg.data_on_device, cfg.device, nbytes)
+        device_data.describe(self.on_device, nbytes, cfg.data_on_device, cfg.data.workers)
+        self.split = device_data.DeviceSplit(dataset, cfg.device) if self.on_device else None
+        self.sampler = EpochSampler()
+        self.loader = None if self.on_device else make_loader(dataset, cfg.batch_size, cfg.data.workers,
+                                                              sampler=self.sampler, persistent=True,
+                                                              pin_memory=cfg.device.type == "cuda")
+        self.nbytes = nbytes
+
+    def for_epoch(self, epoch, skip_batches=0):
+        order = epoch_order(len(self.dataset), self.batch_size,
+                            torch.Generator().manual_seed(self.seed * 100003 + epoch), skip_batches)
+        if self.on_device:
+            return device_data.DeviceBatches(self.split, order, self.batch_size, epoch)
+        self.sampler.set_epoch(epoch, order)
+        return self.loader
+
+    def close(self):
+        """Stop the loader's workers now (they end with its last iterator) and free the device copy."""
+        self.loader = self.split = None
 
 
 def ignore_stop_signals(worker_id):
@@ -516,7 +580,7 @@ def weights_checkpoint(ckpt):
 
 # flags that do not change the experiment (how it runs, not what it computes) may differ on --resume
 RESUME_MAY_CHANGE = {"workers", "device", "out_dir", "resume", "log_every", "save_every", "epochs", "cache_dir",
-                     "skip_nonfinite", "channels_last", "data_dir"}
+                     "skip_nonfinite", "channels_last", "data_dir", "data_on_device", "data_path", "data_bytes"}
 
 
 def check_same_experiment(saved, current, path, what="--resume", advice="resume with the same flags or start a new "
@@ -615,19 +679,20 @@ def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
     net = TrainModule(model, adapters)
     if is_distributed():
         net = nn.parallel.DistributedDataParallel(net, device_ids=[cfg.device] if cfg.device.type == "cuda" else None)
-    val_loader = make_loader(datasets["val"], cfg.batch_size, cfg.data.workers)
+    val_loader = make_loader(datasets["val"], cfg.batch_size, cfg.data.workers, persistent=True,
+                             pin_memory=cfg.device.type == "cuda")
+    train_batches = TrainBatches(datasets["train"], cfg)
+    cfg = dataclasses.replace(cfg, flags=dict(cfg.flags, data_path="device" if train_batches.on_device else "loader",
+                                              data_bytes=train_batches.nbytes))  # recorded in config.json
     log(f"{arch}: {common.count_params(model):,} parameters | train {len(datasets['train'])} val "
         f"{len(datasets['val'])} images | device {cfg.device} x {world_size()} process(es) | precision {cfg.precision} "
         f"| out {cfg.out_dir}")
     save = (model, adapters, optimizer, scheduler, scaler)
-    with run_folder(cfg), StopRequest() as stop:
+    with run_folder(cfg), StopRequest() as stop, contextlib.closing(train_batches):
         for epoch in range(state.epoch, cfg.epochs):
             t0 = time.perf_counter()
             progress = state.partial if state.partial is not None else EpochProgress(epoch)
-            datasets["train"].set_epoch(epoch)
-            loader = make_loader(datasets["train"], cfg.batch_size, cfg.data.workers, shuffle=True,
-                                 generator=torch.Generator().manual_seed(cfg.data.seed * 100003 + epoch),
-                                 skip_batches=progress.step)
+            loader = train_batches.for_epoch(epoch, skip_batches=progress.step)
             seconds_before = progress.seconds
             if not train_one_epoch(net, compute_loss, loader, optimizer, scaler, progress, cfg, stop):
                 state.partial = progress  # stopped inside the epoch: save exactly where we are

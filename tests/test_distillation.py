@@ -173,8 +173,10 @@ def test_cache_is_reused_and_rebuilt_when_teacher_or_precision_changes(data_dir,
 
 
 DISTILLING = [name for name, m in methods.registry().items() if m.TEACHER != "none"]
-# a few runs take the other paths: the live teacher for a logit method, a bf16 teacher for a feature method
-EXTRA = {"dist": ["--no-teacher-cache"], "feature-kd": ["--teacher-dtype", "bf16"]}
+# a few runs take the other paths: the live teacher for a logit method, a bf16 teacher for a feature method, the
+# split on the device for a cached-logit and a live-teacher method
+EXTRA = {"dist": ["--no-teacher-cache"], "feature-kd": ["--teacher-dtype", "bf16"],
+         "response-kd": ["--data-on-device", "on"], "feature-cwd": ["--data-on-device", "on"]}
 
 
 @pytest.mark.parametrize("name", DISTILLING)

@@ -1,7 +1,8 @@
 """torchrun: 2 CPU processes (gloo, DistributedDataParallel) train the baseline and every distillation method (the
-teacher-logit cache built by rank 0; return_features and the methods' own modules through DDP) for 1 epoch; rank 0
-alone writes and logs, and the all-reduced val mIoU equals a 1-process evaluation of the saved weights; the baseline
-then resumes under torchrun."""
+latter with --data-on-device on; the teacher-logit cache built by rank 0; return_features and the methods' own
+modules through DDP) for 1 epoch; rank 0 alone writes and logs, and the all-reduced val mIoU equals a 1-process
+evaluation of the saved weights; the baseline then resumes under torchrun. Each rank's share of an epoch is the same on
+both data paths."""
 import json
 import os
 import subprocess
@@ -11,9 +12,10 @@ import pytest
 import torch
 
 import common
+import engine
 import evaluate
 import methods
-from conftest import REPO, small_run_args
+from conftest import REPO, loop_config, small_run_args
 
 OUTPUTS = ["best.pth", "config.json", "history.json", "last.pth", "loss.png", "miou.png"]
 
@@ -68,13 +70,13 @@ errors.main_entry(main, argparse.ArgumentParser)
 
 def test_torchrun_two_processes_every_distillation_method(data_dir, tmp_path):
     """One torchrun launch trains every distillation method for an epoch (one launch, not one each: the suite's
-    time), each as its script's main does."""
+    time), each as its script's main does, with the split on the device (the baseline test above: the loader path)."""
     names = [name for name, m in methods.registry().items() if m.TEACHER != "none"]
     teacher = tmp_path / "teacher.pth"
     torch.manual_seed(0)
     torch.save({"model": common.Teacher(21).state_dict(), "arch": "teacher", "num_classes": 21}, teacher)
     argv = small_run_args(data_dir, "", "--lr", "1e-3", "--teacher-weights", str(teacher), "--epochs", "1",
-                          "--image-size", "32", "--limit-train", "16", "--limit-val", "6")
+                          "--image-size", "32", "--limit-train", "16", "--limit-val", "6", "--data-on-device", "on")
     del argv[argv.index("--out-dir"):argv.index("--out-dir") + 2]  # each method's own, set in the script
     script = tmp_path / "every_method.py"
     script.write_text(EVERY_METHOD_UNDER_TORCHRUN.format(repo=REPO, names=names, argv=argv, out=str(tmp_path) + "/"))
@@ -125,3 +127,23 @@ def test_a_torchrun_process_ends_in_main_entry_without_pythons_teardown(fail, tm
     assert proc.returncode == (1 if fail else 0), proc.stderr[-2000:]
     assert sorted(proc.stdout.splitlines()) == ["rank 0 done", "rank 1 done"]  # flushed; teardown never ran
     assert proc.stderr.count("error: --fail given") == (2 if fail else 0)
+
+
+def test_each_rank_takes_the_same_share_on_both_data_paths(data_dir, tmp_path, monkeypatch):
+    """Two ranks' batches of an epoch (and of its tail, resumed inside it): disjoint, together the whole epoch, and
+    the same images on the device path as on the loader path."""
+    cfg = common.DataConfig(data_dir=data_dir, toy=True, download=False, cache_dir=str(tmp_path), num_classes=21,
+                            image_size=32, eval_size=None, limit_train=36, limit_val=None, train_set="train",
+                            workers=0, seed=1)
+    dataset = common.build_datasets(cfg, splits=("train",))["train"]
+    monkeypatch.setattr(engine, "world_size", lambda: 2)
+    shares = {}
+    for mode in ("on", "off"):
+        batches = engine.TrainBatches(dataset, loop_config(data=cfg, batch_size=4, data_on_device=mode))
+        for r in (0, 1):
+            monkeypatch.setattr(engine, "rank", lambda: r)
+            shares[mode, r] = [b["index"].tolist() for b in batches.for_epoch(2)]
+            assert [b["index"].tolist() for b in batches.for_epoch(2, skip_batches=1)] == shares[mode, r][1:]
+    assert shares["on", 0] == shares["off", 0] and shares["on", 1] == shares["off", 1]
+    first, second = (sum(shares["on", r], []) for r in (0, 1))
+    assert len(first) == len(second) == 16 and not set(first) & set(second)  # 36 images: 4 whole rounds of 2 x 4

@@ -1,5 +1,5 @@
-"""Faults: SIGTERM inside an epoch (also forwarded twice by a wrapper) and kill -9 both resume to exactly the
-uninterrupted history; non-finite losses stop (or skip) naming the batch and term; a full disk keeps the old
+"""Faults: SIGTERM inside an epoch (also forwarded twice by a wrapper, also on the device data path) and kill -9 both
+resume to exactly the uninterrupted history; non-finite losses stop (or skip) naming the batch and term; a full disk keeps the old
 checkpoint; a truncated JPEG is named."""
 import errno
 import json
@@ -55,8 +55,8 @@ def _start_and_signal(data_dir, out, sig, *extra, wrapper=()):
     return proc.returncode, "".join(output)
 
 
-def _resume_and_compare(data_dir, out, reference):
-    train_baseline.main(train_baseline.get_args_parser().parse_args(_args(data_dir, out, "--resume")))
+def _resume_and_compare(data_dir, out, reference, *extra):
+    train_baseline.main(train_baseline.get_args_parser().parse_args(_args(data_dir, out, "--resume", *extra)))
     history = json.loads((out / "history.json").read_text())
     assert len(history) == len(reference)
     for a, b in zip(history, reference):
@@ -86,6 +86,18 @@ def test_signal_forwarded_by_a_wrapper_in_the_same_group_still_saves(data_dir, t
     assert "Traceback" not in output and "ConnectionResetError" not in output
     assert torch.load(out / "last.pth", weights_only=True)["partial"]["epoch"] == 1
     _resume_and_compare(data_dir, out, reference)
+
+
+def test_signal_inside_an_epoch_on_the_device_path_resumes_exactly(data_dir, tmp_path):
+    """--data-on-device on: the same exact mid-epoch resume (compared with that path's own uninterrupted run)."""
+    on_device = ("--data-on-device", "on")
+    straight = tmp_path / "straight"
+    train_baseline.main(train_baseline.get_args_parser().parse_args(_args(data_dir, straight, *on_device)))
+    out = tmp_path / "run"
+    code, output = _start_and_signal(data_dir, out, signal.SIGTERM, *on_device)
+    assert code == 1 and "interrupted by SIGTERM" in output and "training data: on the device" in output, output
+    assert 1 <= torch.load(out / "last.pth", weights_only=True)["partial"]["step"] < 8
+    _resume_and_compare(data_dir, out, json.loads((straight / "history.json").read_text()), *on_device)
 
 
 def test_kill_9_keeps_a_complete_checkpoint_and_resumes(data_dir, tmp_path, reference):
