@@ -1,14 +1,16 @@
-"""Training throughput of the real recipe (student at 256 x 256, batch 16): train img/s and data-wait fraction of
-every method (the logit methods read the teacher-logit cache, the feature methods run the teacher live), the cache
-build's img/s, and the loader alone. Random weights (the speed is the same), the toy set or VOC; the last line of
-stdout is one JSON document.
+"""Training throughput of the real recipe (student at 256 x 256, batch 16) on real-size epochs (VOC train's 1,464
+images; a smaller set is repeated): per method and per data path (--data-on-device on/off), train img/s, data-wait
+fraction and peak device memory of whole epochs of the real loop (the logit methods read the teacher-logit cache, the
+feature methods run the teacher live), optionally compiled; the cache build's img/s, and the loader alone. Random
+weights (the speed is the same), the toy set or VOC; the last line of stdout is one JSON document.
 
-    python bench_throughput.py --toy                                   # CUDA if available, else CPU (slow: minutes)
-    python bench_throughput.py --toy --amp --workers 8 --json bench.json          # the GPU recipe
-    python bench_throughput.py --toy --image-size 64 --batch-size 4 --steps 3     # a quick look on a CPU
+    python bench_throughput.py --toy --amp --workers 8 --json bench.json            # the GPU recipe, both paths
+    python bench_throughput.py --toy --amp --workers 8 --batch-size 64 --compile both --strategies baseline
+    python bench_throughput.py --toy --epoch-images 64 --strategies baseline         # a quick look on a CPU
     python bench_throughput.py --toy --memory-format both                # channels_last vs contiguous, in turns
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,6 +22,7 @@ import torch
 import torch.nn as nn
 
 import common
+import device_data
 import distill
 import engine
 import errors
@@ -33,33 +36,39 @@ STRATEGIES = tuple(methods.registry())
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        description="Training throughput of each strategy, the cache build and the loader.")
+        description="Training throughput of each strategy on each data path, the cache build and the loader.")
     flags.add_data_args(parser, "deployment")  # the real recipe's size, also on the toy set
     parser.add_argument("--batch-size", type=flags.positive_int, default=16, help="batch size (default: %(default)s)")
-    parser.add_argument("--steps", type=flags.positive_int, default=20,
-                        help="timed training steps per strategy, after --warmup (default: %(default)s)")
+    parser.add_argument("--epoch-images", type=flags.positive_int, default=1464,
+                        help="images of each timed epoch, VOC train's count: a training set with fewer is repeated "
+                             "to this size, so the figures are those of real epochs (default: %(default)s)")
     parser.add_argument("--warmup", type=flags.non_negative_int, default=3,
-                        help="untimed steps first (allocator, cuDNN autotuning) (default: %(default)s)")
-    parser.add_argument("--rounds", type=flags.positive_int, default=5,
-                        help="the timed steps are taken in this many rounds, every strategy its share in turn, so a "
-                             "machine whose speed drifts slows all alike (default: %(default)s)")
+                        help="untimed steps before each timed epoch (workers starting, allocator, cuDNN autotuning, "
+                             "compilation) (default: %(default)s)")
+    parser.add_argument("--rounds", type=flags.positive_int, default=1,
+                        help="timed epochs per strategy, taken in rounds in which every strategy runs one in turn, so "
+                             "a machine whose speed drifts slows all alike (default: %(default)s)")
     engine.add_amp_arg(parser)
     parser.add_argument("--memory-format", choices=("channels_last", "contiguous", "both"), default="channels_last",
                         help="layout of the training step; both: each strategy in both layouts (default: %(default)s)")
+    parser.add_argument("--data-on-device", choices=device_data.MODES + ("both",), default="both",
+                        help="the data path (train_*.py --data-on-device); both: each strategy on each path "
+                             "(default: %(default)s)")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                        help="torch.compile the training step (train_*.py --compile); both: each strategy eager and "
+                             "compiled (default: %(default)s)")
     parser.add_argument("--strategies", default="all", type=flags.name_list(STRATEGIES),
                         help=f"comma-separated subset of {','.join(STRATEGIES)}, or all (default: %(default)s)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH")
     return parser
 
 
-def loader_throughput(dataset, batch_size, workers, batches):
-    """img/s of the training loader alone (decode from the pixel cache, augmentation warp, collate)."""
+def loader_throughput(dataset, batch_size, workers):
+    """img/s of the training loader alone over one epoch (decode from the pixel cache, augmentation warp, collate)."""
     loader = engine.make_loader(dataset, batch_size, workers, shuffle=True, generator=torch.Generator().manual_seed(0))
     n, t0 = 0, time.perf_counter()
-    for i, batch in enumerate(loader):
+    for batch in loader:
         n += batch["image"].shape[0]
-        if i + 1 == batches:
-            break
     return n / (time.perf_counter() - t0)
 
 
@@ -77,8 +86,8 @@ class Take:
 
 
 class Trainee:
-    """One strategy's student, optimizer and loss, trained a few engine.train_one_epoch steps at a time, in turns with
-    the other strategies; `timed` adds up the timed steps' images, seconds and data wait."""
+    """One strategy's student, optimizer and loss on one data path; epoch() trains one timed epoch of the real loop
+    (engine.TrainBatches, engine.train_one_epoch) after `warmup` untimed steps and adds it to `timed`."""
 
     def __init__(self, model, compute_loss, cfg, logits, adapters=None):
         adapters = adapters if adapters is not None else nn.ModuleDict()
@@ -86,30 +95,36 @@ class Trainee:
         self.net = engine.TrainModule(model, adapters.to(cfg.device))
         self.optimizer = torch.optim.Adam(list(model.parameters()) + list(adapters.parameters()), lr=1e-4)
         self.scaler = torch.amp.GradScaler(cfg.device.type) if cfg.precision == "fp16" else None
-        self.compute_loss, self.cfg, self.logits = compute_loss, cfg, logits
-        self.timed = engine.EpochProgress(1)
+        self.compute_loss = torch.compile(compute_loss) if cfg.compile else compute_loss
+        self.cfg, self.logits = cfg, logits
+        self.timed, self.peak_bytes = engine.EpochProgress(1), 0
 
-    def train(self, dataset, batches, seed, progress):
-        dataset.teacher_logits = self.logits  # (the loader's workers copy the dataset when they start)
-        loader = engine.make_loader(dataset, self.cfg.batch_size, self.cfg.data.workers, shuffle=True,
-                                    generator=torch.Generator().manual_seed(seed))
-        engine.train_one_epoch(self.net, self.compute_loss, Take(loader, batches), self.optimizer, self.scaler,
-                               progress, self.cfg)
+    def epoch(self, dataset, warmup, round_):
+        dataset.teacher_logits = self.logits  # before the loader's workers start (they copy the dataset)
+        cuda = self.cfg.device.type == "cuda"
+        with contextlib.closing(engine.TrainBatches(dataset, self.cfg)) as batches:
+            if warmup:
+                self.train(Take(batches.for_epoch(2 * round_), warmup), engine.EpochProgress(0))
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(self.cfg.device)
+            self.train(batches.for_epoch(2 * round_ + 1), self.timed)
+            if cuda:
+                self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.cfg.device))
+
+    def train(self, loader, progress):
+        engine.train_one_epoch(self.net, self.compute_loss, loader, self.optimizer, self.scaler, progress, self.cfg)
         if self.cfg.device.type == "cuda":
             torch.cuda.synchronize()
 
 
-def train_in_turns(trainees, dataset, warmup, steps, rounds):
-    """{key: (img/s, data-wait fraction)} of `steps` timed steps per trainee, after `warmup` untimed ones, taken in
-    `rounds` rounds in which every trainee trains its share in turn: a machine whose speed drifts (a shared CPU, a
-    GPU warming up) slows every strategy alike, so their ratios hold."""
-    for trainee in trainees.values():
-        if warmup:
-            trainee.train(dataset, warmup, 0, engine.EpochProgress(0))
+def train_in_turns(trainees, dataset, warmup, rounds):
+    """{key: (img/s, data-wait fraction)} of `rounds` timed epochs per trainee, each after `warmup` untimed steps,
+    taken in rounds in which every trainee trains one epoch in turn: a machine whose speed drifts (a shared CPU, a GPU
+    warming up) slows every strategy alike, so their ratios hold; each epoch runs whole, so a loader's workers never
+    get ahead while another trainee trains."""
     for r in range(rounds):
-        share = steps // rounds + (r < steps % rounds)
         for trainee in trainees.values():
-            trainee.train(dataset, share, r + 1, trainee.timed)
+            trainee.epoch(dataset, warmup, r)
     return {key: (t.timed.images / t.timed.seconds, t.timed.wait / t.timed.seconds) for key, t in trainees.items()}
 
 
@@ -121,6 +136,27 @@ def strategy_loss(method, criterion, teacher, teacher_dtype):
     return method.build_loss(defaults, methods.Context(criterion, live, teacher_dtype))
 
 
+def epoch_sized(dataset, images):
+    """The training set repeated (or cut) to `images` items: a real-size epoch from a small set."""
+    dataset.indices = [dataset.indices[k % len(dataset.indices)] for k in range(images)]
+    return dataset
+
+
+def variants(args):
+    """(key suffix, layout, data path, compile) of every setting each strategy is timed in."""
+    both = {"memory_format": ("channels_last", "contiguous"), "data_on_device": ("on", "off"), "compile": ("off", "on")}
+    chosen = {name: both[name] if getattr(args, name) == "both" else (getattr(args, name),) for name in both}
+    out = []
+    for layout in chosen["memory_format"]:
+        for path in chosen["data_on_device"]:
+            for comp in chosen["compile"]:
+                words = ([layout] if len(chosen["memory_format"]) > 1 else []) + (
+                    [f"device-data {path}"] if len(chosen["data_on_device"]) > 1 else []) + (
+                    ["compiled" if comp == "on" else "eager"] if len(chosen["compile"]) > 1 else [])
+                out.append((" ".join(words), layout, path, comp == "on"))
+    return out
+
+
 def main(args):
     if args.cache_dir:
         raise errors.UserError("--cache-dir: the benchmark builds its caches in a temporary folder, so that the "
@@ -130,53 +166,51 @@ def main(args):
     device = init_distributed(args.device)
     precision, teacher_dtype = engine.resolve_amp(args.amp, device), distill.resolve_teacher_dtype(None, device)
     with tempfile.TemporaryDirectory() as tmp:  # a fresh cache folder: the teacher-logit cache is built, and timed
-        data = common.data_config(args)
-        needed = (args.warmup + args.steps) * args.batch_size
-        data = dataclasses.replace(data, cache_dir=tmp, limit_train=min(needed, data.limit_train or needed))
-        dataset = common.build_datasets(data, splits=("train",))["train"]
-        if len(dataset) < needed:
-            raise errors.UserError(f"the training set has {len(dataset)} images, --warmup + --steps need "
-                                   f"{needed} at --batch-size {args.batch_size}; lower --steps")
+        data = dataclasses.replace(common.data_config(args), cache_dir=tmp)
+        dataset = epoch_sized(common.build_datasets(data, splits=("train",))["train"], args.epoch_images)
+        if args.epoch_images < args.batch_size:
+            raise errors.UserError(f"--epoch-images {args.epoch_images} is less than one --batch-size "
+                                   f"({args.batch_size}); raise it")
         criterion = nn.CrossEntropyLoss(ignore_index=common.IGNORE_INDEX)
         teacher = common.build_teacher(data.num_classes, pretrained=False).eval().requires_grad_(False)
         teacher.to(device, memory_format=torch.channels_last)
         result = {"device": describe(device), "torch": torch.__version__, "image_size": data.image_size,
                   "batch_size": args.batch_size, "precision": precision, "teacher_dtype": teacher_dtype,
-                  "workers": data.workers, "steps": args.steps,
-                  "loader_img_s": loader_throughput(dataset, args.batch_size, data.workers, args.steps), "train": {}}
+                  "workers": data.workers, "epoch_images": len(dataset), "warmup": args.warmup,
+                  "loader_img_s": loader_throughput(dataset, args.batch_size, data.workers), "train": {}}
         print(f"loader alone: {result['loader_img_s']:.1f} img/s ({data.workers} workers)", flush=True)
         strategies, cache = [methods.registry()[name] for name in args.strategies], None
         if any(method.TEACHER == "logits" for method in strategies):
             cache = distill.TeacherLogitCache(teacher, dataset, device, args.batch_size, data.workers, teacher_dtype)
             result["teacher_cache_build_img_s"] = len(dataset) / cache.build_s
             print(f"teacher-logit cache build: {result['teacher_cache_build_img_s']:.1f} img/s", flush=True)
-        layouts = ("channels_last", "contiguous") if args.memory_format == "both" else (args.memory_format,)
         trainees = {}
         for method in strategies:
-            for layout in layouts:
-                cfg = bench_config(device, data, args.batch_size, precision, layout == "channels_last")
+            for suffix, layout, path, compiled in variants(args):
+                cfg = bench_config(device, data, args.batch_size, precision, layout == "channels_last", path, compiled)
                 torch.manual_seed(0)
                 student = common.build_student(data.num_classes, pretrained=False)
                 loss = strategy_loss(method, criterion.to(device), teacher, teacher_dtype)
-                key = method.NAME if len(layouts) == 1 else f"{method.NAME} {layout}"
-                trainees[key] = Trainee(student, loss.compute_loss, cfg,
-                                        cache if method.TEACHER == "logits" else None, loss.modules)
-        rounds = min(args.rounds, args.steps)
-        for key, (img_s, wait) in train_in_turns(trainees, dataset, args.warmup, args.steps, rounds).items():
-            result["train"][key] = {"img_s": img_s, "data_wait_frac": wait}
-            print(f"{key:>28s}: {img_s:8.1f} img/s, data wait {100 * wait:4.1f}%", flush=True)
-        result["rounds"] = rounds
+                trainees[f"{method.NAME} {suffix}".strip()] = Trainee(
+                    student, loss.compute_loss, cfg, cache if method.TEACHER == "logits" else None, loss.modules)
+        for key, (img_s, wait) in train_in_turns(trainees, dataset, args.warmup, args.rounds).items():
+            peak = trainees[key].peak_bytes / 2 ** 20 if device.type == "cuda" else None
+            result["train"][key] = {"img_s": img_s, "data_wait_frac": wait, "peak_memory_mb": peak}
+            print(f"{key:>40s}: {img_s:8.1f} img/s, data wait {100 * wait:4.1f}%"
+                  + (f", peak memory {peak:.0f} MB" if peak is not None else ""), flush=True)
+        result["rounds"] = args.rounds
     if args.json:
         fileio.write_json(args.json, result)
     print(json.dumps(result, separators=(",", ":")))
     return result
 
 
-def bench_config(device, data, batch_size, precision, channels_last):
+def bench_config(device, data, batch_size, precision, channels_last, data_on_device, compiled):
     """A TrainConfig for timing steps: no sync points inside the timed steps but the last."""
     return engine.TrainConfig(strategy="bench", device=device, data=data, out_dir="", resume=None, epochs=1,
                               batch_size=batch_size, lr=1e-4, weight_decay=0.0, lr_factor=0.5, lr_patience=5,
-                              save_every=1, precision=precision, accumulate=1, channels_last=channels_last, data_on_device="off",
+                              save_every=1, precision=precision, accumulate=1, channels_last=channels_last,
+                              data_on_device=data_on_device, compile=compiled,
                               sync_bn=False, skip_nonfinite=False, log_every=10 ** 9, flags={})
 
 

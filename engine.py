@@ -136,6 +136,9 @@ def add_recipe_args(parser, default_epochs=50, seed=True):
                              "device's memory and augment each batch there (batched grid_sample): no loader workers "
                              "to wait for. auto: on for CUDA when the split takes at most "
                              f"{device_data.FREE_MEMORY_SHARE:.0%} of its free memory, off on CPU (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training step (the student's forward and its loss; the first steps "
+                             "compile, minutes on a CPU); measure it first (bench_throughput.py --compile both)")
     parser.add_argument("--sync-bn", action="store_true",
                         help="synchronise BatchNorm statistics across torchrun processes (CUDA only)")
     parser.add_argument("--skip-nonfinite", action="store_true",
@@ -165,6 +168,7 @@ class TrainConfig:
     accumulate: int
     channels_last: bool
     data_on_device: str
+    compile: bool
     sync_bn: bool
     skip_nonfinite: bool
     log_every: int
@@ -188,7 +192,7 @@ def setup(args, strategy):
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        lr_factor=args.lr_factor, lr_patience=args.lr_patience, save_every=args.save_every,
                        precision=precision, accumulate=args.accumulate, channels_last=args.channels_last,
-                       data_on_device=args.data_on_device, sync_bn=args.sync_bn, skip_nonfinite=args.skip_nonfinite, log_every=args.log_every,
+                       data_on_device=args.data_on_device, compile=args.compile, sync_bn=args.sync_bn, skip_nonfinite=args.skip_nonfinite, log_every=args.log_every,
                        flags=recorded)
 
 
@@ -580,7 +584,8 @@ def weights_checkpoint(ckpt):
 
 # flags that do not change the experiment (how it runs, not what it computes) may differ on --resume
 RESUME_MAY_CHANGE = {"workers", "device", "out_dir", "resume", "log_every", "save_every", "epochs", "cache_dir",
-                     "skip_nonfinite", "channels_last", "data_dir", "data_on_device", "data_path", "data_bytes"}
+                     "skip_nonfinite", "channels_last", "data_dir", "data_on_device", "data_path", "data_bytes",
+                     "compile"}
 
 
 def check_same_experiment(saved, current, path, what="--resume", advice="resume with the same flags or start a new "
@@ -679,6 +684,8 @@ def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
     net = TrainModule(model, adapters)
     if is_distributed():
         net = nn.parallel.DistributedDataParallel(net, device_ids=[cfg.device] if cfg.device.type == "cuda" else None)
+    if cfg.compile:  # the step, not the model: checkpoints keep the plain module's names
+        compute_loss = torch.compile(compute_loss)
     val_loader = make_loader(datasets["val"], cfg.batch_size, cfg.data.workers, persistent=True,
                              pin_memory=cfg.device.type == "cuda")
     train_batches = TrainBatches(datasets["train"], cfg)

@@ -116,8 +116,8 @@ def loop_config(**changes):
     `changes` replace any field (e.g. data=toy_data_config(tmp_path), precision="fp16")."""
     cfg = engine.TrainConfig(strategy="test", device=torch.device("cpu"), data=None, out_dir="", resume=None, epochs=1,
                              batch_size=2, lr=0.1, weight_decay=0.0, lr_factor=0.5, lr_patience=5, save_every=1,
-                             precision="fp32", accumulate=1, channels_last=False, data_on_device="off", sync_bn=False,
-                             skip_nonfinite=False, log_every=20, flags={})
+                             precision="fp32", accumulate=1, channels_last=False, data_on_device="off", compile=False,
+                             sync_bn=False, skip_nonfinite=False, log_every=20, flags={})
     return dataclasses.replace(cfg, **changes)
 
 

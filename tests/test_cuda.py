@@ -168,3 +168,19 @@ def test_cuda_rng_state_round_trip(tmp_path):
     torch.cuda.manual_seed(999)  # moves the generator elsewhere
     engine.restore_checkpoint(cfg.resume, model, torch.nn.ModuleDict(), optimizer, scheduler, None, cfg, "student")
     torch.testing.assert_close(torch.rand(4, device=CUDA), expected, rtol=0, atol=0)
+
+
+def test_device_resident_split_on_cuda_gives_the_loader_batches(data_dir, tmp_path):
+    """--data-on-device on a GPU: the split uploaded once, each batch augmented there, equals the CPU loader path's
+    batch (images within float rounding, masks and grids equal); auto chooses it for a split this small."""
+    import device_data
+    dataset = common.build_datasets(toy_data_config(tmp_path), splits=("train",))["train"]
+    assert device_data.resolve("auto", CUDA, device_data.split_bytes(dataset))
+    split = device_data.DeviceSplit(dataset, CUDA)
+    ks = list(range(16))
+    on_gpu = split.batch(ks, 1)
+    loader = common.collate([dataset[(1, k)] for k in ks])
+    assert on_gpu["image"].is_cuda and torch.equal(on_gpu["index"].cpu(), loader["index"])
+    torch.testing.assert_close(on_gpu["grid"].cpu(), loader["grid"], rtol=0, atol=1e-6)
+    assert (on_gpu["image"].cpu() - loader["image"]).abs().max().item() <= 1e-3
+    assert (on_gpu["mask"].cpu() != loader["mask"]).float().mean().item() <= 1e-3

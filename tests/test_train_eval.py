@@ -263,3 +263,26 @@ def test_browser_keys(data_dir, trained_run):
     assert state["k"] == worst and title.startswith(f"{worst + 1}/5 {dataset.cache.ids[worst]}")
     press("o")
     assert state["overlay"] and fig.axes[0].images[0].get_array().shape[:2] == predictions[worst].shape
+
+
+def test_compiled_training_step_trains_like_eager(data_dir, tmp_path, monkeypatch):
+    """--compile: the step (student forward, its loss, backward through AOTAutograd) is captured by torch.compile
+    and trains the same epochs as eager within float rounding; the checkpoint keeps the plain module's names. The
+    backend is aot_eager here (Inductor's code generation is PyTorch's, and takes minutes on 2 cores)."""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_(fn, **kwargs):
+        compiled.append(fn)
+        return real_compile(fn, backend="aot_eager", **kwargs)
+    monkeypatch.setattr(torch, "compile", compile_)
+    histories = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        argv = small_run_args(data_dir, tmp_path / name, "--epochs", "1", "--image-size", "32", "--limit-train",
+                              "16", "--lr", "1e-3", *extra)
+        histories[name] = run_baseline(argv)
+    assert len(compiled) == 1
+    for key in ("train_loss", "val_loss", "val_miou"):
+        assert histories["compiled"][0][key] == pytest.approx(histories["eager"][0][key], rel=1e-3, abs=1e-3), key
+    ckpt = torch.load(tmp_path / "compiled" / "last.pth", weights_only=True)
+    assert set(ckpt["model"]) == set(common.build_student(21, pretrained=False).state_dict())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check in one command: the `cuda` tests, the training-throughput benchmark (bench_throughput.py) on the toy
-# set and on a real-VOC subset, then a small comparison on that subset (compare.py: every strategy x 2 seeds, the
+# The GPU check in one command: the `cuda` tests, the training-throughput benchmark (bench_throughput.py: real-size
+# epochs of 1,464 images, both data paths --data-on-device on/off, batch 16 and 64, eager and compiled) on the toy set
+# and on a real-VOC subset, then a small comparison on that subset (compare.py: every strategy x 2 seeds, the
 # teacher fine-tuned first, final evaluation at 6 scales + flip) and one of its models evaluated single-scale and
 # multi-scale + flip (evaluate.py, the time of each). Writes OUT/log.txt, OUT/cuda_tests.xml, OUT/figures.json and
 # OUT/compare/results.md (default OUT: gpu_check/).
@@ -28,23 +29,25 @@ status=0
 if $python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     $python -m pytest -q -m cuda tests -p no:cacheprovider -rs --junitxml "$out/cuda_tests.xml" || status=1
-    bench=(--amp --workers 8 --batch-size 16 --image-size 256)
-    toy_steps=15   # the toy set's 300 training images: (3 warm-up + 15) x 16
+    bench=(--amp --workers 8 --image-size 256 --data-on-device both)
+    epoch=1464   # VOC train's size; the toy set (300) and the subset (105) are repeated to it
     compare=(--amp --workers 8 --batch-size 16 --image-size 256 --epochs 3 --teacher-epochs 3 --lr 1e-3)
-    voc_steps=3   # the 20-MB subset's 105 training images: (3 warm-up + 3) x 16
 else
     echo "no CUDA device here: the cuda tests are skipped; the benchmark runs a small CPU setting"
-    bench=(--workers 2 --batch-size 4 --image-size 64)
-    toy_steps=3
-    voc_steps=2
+    bench=(--workers 2 --image-size 64 --data-on-device both)
+    epoch=16
     compare=(--workers 2 --batch-size 4 --image-size 64 --epochs 1 --teacher-epochs 1 --lr 1e-3 --limit-train 8
              --limit-val 4)
 fi
-$python bench_throughput.py --toy --data-dir "$out/data" "${bench[@]}" --steps $toy_steps \
+$python bench_throughput.py --toy --data-dir "$out/data" "${bench[@]}" --batch-size 16 --epoch-images $epoch \
     --json "$out/bench_toy.json" || status=1
+$python bench_throughput.py --toy --data-dir "$out/data" "${bench[@]}" --batch-size 64 --epoch-images $epoch \
+    --strategies baseline,response-kd,feature-kd --json "$out/bench_toy_b64.json" || status=1
+$python bench_throughput.py --toy --data-dir "$out/data" "${bench[@]}" --batch-size 16 --epoch-images $epoch \
+    --strategies baseline,response-kd --compile both --warmup 10 --json "$out/bench_toy_compile.json" || status=1
 if [ -d voc_subset ]; then
-    $python bench_throughput.py --data-dir voc_subset --no-download "${bench[@]}" --steps $voc_steps \
-        --json "$out/bench_voc.json" || status=1
+    $python bench_throughput.py --data-dir voc_subset --no-download "${bench[@]}" --batch-size 16 \
+        --epoch-images $epoch --strategies baseline,response-kd,feature-kd --json "$out/bench_voc.json" || status=1
     scales=(--scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip)
     $python compare.py --data-dir voc_subset --no-download --no-pretrained --strategies all \
         --seeds 0,1 "${compare[@]}" "${scales[@]}" --out-dir "$out/compare" || status=1
@@ -62,14 +65,16 @@ $python - "$out" <<'PY'
 import json, os, sys
 out = sys.argv[1]
 figures = {name: json.load(open(os.path.join(out, f"bench_{name}.json")))
-           for name in ("toy", "voc") if os.path.isfile(os.path.join(out, f"bench_{name}.json"))}
+           for name in ("toy", "toy_b64", "toy_compile", "voc") if os.path.isfile(os.path.join(out, f"bench_{name}.json"))}
 evals = {name: json.load(open(os.path.join(out, f"eval_{name}.json")))
          for name in ("single", "ms_flip") if os.path.isfile(os.path.join(out, f"eval_{name}.json"))}
 json.dump(dict(figures, evaluation=evals), open(os.path.join(out, "figures.json"), "w"), indent=1)
 for name, f in figures.items():
-    train = ", ".join(f"{k} {v['img_s']:.0f} img/s (wait {100 * v['data_wait_frac']:.0f}%)" for k, v in f["train"].items())
-    print(f"{name}: {f['device']}, {f['image_size']}px batch {f['batch_size']} {f['precision']}: {train}; "
-          f"teacher cache build {f['teacher_cache_build_img_s']:.0f} img/s; loader {f['loader_img_s']:.0f} img/s")
+    train = ", ".join(f"{k} {v['img_s']:.0f} img/s (wait {100 * v['data_wait_frac']:.0f}%"
+                      + (f", {v['peak_memory_mb']:.0f} MB)" if v['peak_memory_mb'] else ")") for k, v in f["train"].items())
+    print(f"{name}: {f['device']}, {f['image_size']}px batch {f['batch_size']} {f['precision']}, epochs of "
+          f"{f['epoch_images']} images: {train}; teacher cache build {f['teacher_cache_build_img_s']:.0f} img/s; "
+          f"loader {f['loader_img_s']:.0f} img/s")
 for name, e in evals.items():
     print(f"evaluate {name}: scales {e['scales']} flip {e['flip']}: mIoU {e['miou']:.2f} in {e['seconds']:.1f} s "
           f"({e['num_images']} images, {e['image_size']} px)")
