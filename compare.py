@@ -305,8 +305,21 @@ COLUMNS_EXPLAINED = """\
 """
 
 
+def finished_in_table(out_dir):
+    """How many runs the comparison's current results.json counts as finished (0 if there is none or it is unreadable:
+    then anything may replace it)."""
+    try:
+        return sum(int(r["seeds"]) for r in fileio.read_json(os.path.join(out_dir, "results.json"))["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def write_results(args, rows, teacher, runs, device_name):
-    """results.md, results.json, summary.png, miou_all.png."""
+    """results.md, results.json, summary.png, miou_all.png; a table with fewer finished runs than the one already
+    there (a teacher replaced, a damaged run) goes beside it as results.incomplete.md/.json instead, and says so.
+    Returns the table's path."""
+    finished, before = sum(r["seeds"] for r in rows), finished_in_table(args.out_dir)
+    name = "results" if finished >= before else "results.incomplete"
     have_base = any(r["model"] == BASELINE for r in rows)
     base = next((r for r in rows if r["model"] == BASELINE), None)
     ms_label = (f"MS{'+flip' if args.flip else ''} mIoU" if multiscale(args) else None)
@@ -345,14 +358,19 @@ def write_results(args, rows, teacher, runs, device_name):
     text = "\n".join(lines) + "\n\n" + (
         f"{len(args.seeds)} seeds ({','.join(map(str, args.seeds))}), {args.epochs} epochs each, on {device_name}.\n\n"
         + notes + "".join(f"\nFAILED: {r['label']} seed {r['seed']}: {r['error']}" for r in failed))
-    fileio.atomic_write(os.path.join(args.out_dir, "results.md"), lambda tmp: open(tmp, "w").write(text + "\n"))
+    fileio.atomic_write(os.path.join(args.out_dir, f"{name}.md"), lambda tmp: open(tmp, "w").write(text + "\n"))
     settings = {k: v for k, v in vars(args).items() if k in engine.recipe_dests() | {
         "strategies", "seeds", "teacher_epochs", "teacher_weights", "grid", "scales", "flip"}}
-    fileio.write_json(os.path.join(args.out_dir, "results.json"), {
+    fileio.write_json(os.path.join(args.out_dir, f"{name}.json"), {
         "settings": dict(settings, scales=list(args.scales)), "device": device_name,
         "teacher": None if teacher is None else {k: v for k, v in teacher.items() if k != "history"},
         "rows": [{k: v for k, v in r.items() if k != "histories"} for r in rows],
         "failed": [{"model": r["label"], "seed": r["seed"], "error": r["error"]} for r in failed]})
+    print("\n" + "\n".join(lines))
+    if name != "results":
+        print(f"kept {args.out_dir}/results.md ({before} finished runs); this attempt finished {finished}: its table "
+              f"is {args.out_dir}/{name}.md", flush=True)
+        return os.path.join(args.out_dir, f"{name}.md")
     histories = {f"{r['model']} seed {s}": h for r in rows for s, h in r["histories"].items()}
     groups = {f"{r['model']} seed {s}": r["model"] for r in rows for s in r["histories"]}
     if teacher is not None and teacher.get("history"):
@@ -361,8 +379,8 @@ def write_results(args, rows, teacher, runs, device_name):
         plots.plot_runs_miou(histories, os.path.join(args.out_dir, "miou_all.png"), groups)
     plots.plot_comparison([r for r in rows if r["seeds"]], None if teacher is None else teacher.get("miou"),
                           os.path.join(args.out_dir, "summary.png"))
-    print("\n" + "\n".join(lines))
-    return lines
+    print(f"table: {args.out_dir}/results.md (+ results.json), plots: {args.out_dir}/summary.png and miou_all.png")
+    return os.path.join(args.out_dir, "results.md")
 
 
 def check_teacher_flags(args):
@@ -478,12 +496,11 @@ def run_comparison(args, rows, device):
         base_runs = [r for r in runs if r.get("row") == Row(BASELINE, BASELINE)] or None
         summaries.append(dict(summarise_row(row, row_runs, base_runs), params_m=student_params))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    write_results(args, summaries, teacher, [r for r in runs if r is not teacher_run], device_name)
-    print(f"table: {args.out_dir}/results.md (+ results.json), plots: {args.out_dir}/summary.png and miou_all.png")
+    table = write_results(args, summaries, teacher, [r for r in runs if r is not teacher_run], device_name)
     failed = [r for r in runs if r["status"] == "failed"]
     if failed:
         raise errors.UserError(f"{len(failed)} of {len(runs)} runs failed (listed under the table in "
-                               f"{args.out_dir}/results.md); fix the cause and run the same command again: the "
+                               f"{table}); fix the cause and run the same command again: the "
                                f"finished runs are kept")
     return summaries
 

@@ -582,9 +582,10 @@ def weights_checkpoint(ckpt):
                                  "metric_unit")}
 
 
-# flags that do not change the experiment (how it runs, not what it computes) may differ on --resume
+# flags that do not change the experiment (how it runs, not what it computes) may differ on --resume; so may paths
+# whose content is recorded (teacher_file) or no longer read (init_weights: the checkpoint holds the weights)
 RESUME_MAY_CHANGE = {"workers", "device", "out_dir", "resume", "log_every", "save_every", "epochs", "cache_dir",
-                     "skip_nonfinite", "channels_last", "data_dir", "data_on_device", "data_path", "data_bytes",
+                     "skip_nonfinite", "channels_last", "data_dir", "teacher_weights", "init_weights", "data_on_device", "data_path", "data_bytes",
                      "compile"}
 
 
@@ -593,8 +594,9 @@ def check_same_experiment(saved, current, path, what="--resume", advice="resume 
     """--resume must continue the same experiment: one line listing every flag that differs (a flag recorded under
     its old name, flags.RENAMED, is compared under its new one)."""
     saved = {flags.RENAMED.get(k, k): v for k, v in saved.items()}
-    diffs = [f"--{k.replace('_', '-')} {saved[k]} -> {current[k]}" for k in sorted(current)
-             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != current[k]]
+    diffs = [f"--teacher-weights: another file (crc32 {saved[k]['crc32']} -> {current[k]['crc32']})"
+             if k == "teacher_file" and saved[k] and current[k] else f"--{k.replace('_', '-')} {saved[k]} -> {current[k]}"
+             for k in sorted(current) if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != current[k]]
     if diffs:
         raise errors.UserError(f"{what} {path} was trained with other settings ({'; '.join(diffs)}); {advice}")
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 import common
 import distill
 import engine
+import fileio
 import flags
 
 
@@ -86,7 +87,9 @@ def main(method, args):
     teacher, teacher_dtype = None, None
     if method.TEACHER != "none":
         teacher_dtype = distill.resolve_teacher_dtype(args.teacher_dtype, cfg.device)
-        cfg = dataclasses.replace(cfg, flags=dict(cfg.flags, teacher_dtype=teacher_dtype))  # recorded with the flags
+        # recorded with the flags; the teacher by its content, so the same file under another path is the same run
+        teacher_file = fileio.file_record(args.teacher_weights) if args.teacher_weights else None
+        cfg = dataclasses.replace(cfg, flags=dict(cfg.flags, teacher_dtype=teacher_dtype, teacher_file=teacher_file))
         teacher = distill.build_frozen_teacher(args.teacher_weights, cfg.data.num_classes, cfg.device, teacher_dtype)
     arch = getattr(args, "model", "student")
     model = common.build_model(arch, cfg.data.num_classes, pretrained=not args.no_pretrained)

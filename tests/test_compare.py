@@ -3,6 +3,7 @@ finishes without retraining what was finished; the table's figures against the r
 sweep; a failing run reported in its row while the others go on; settings changed under a finished run refused."""
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -194,3 +195,29 @@ def test_a_bug_in_one_run_is_reported_in_its_row_and_the_others_finish(data_dir,
     results = json.loads((out / "results.json").read_text())
     assert results["failed"] == [{"model": "cwd", "seed": 0, "error": "RuntimeError: CUDA out of memory (simulated)"}]
     assert [r["seeds"] for r in results["rows"]] == [1, 0] and len(history(out / "baseline_seed0")) == 1
+
+
+def test_a_moved_comparison_keeps_its_runs_and_a_worse_table_never_replaces_a_good_one(data_dir, tmp_path):
+    """Issue 26 item 1: the teacher path recorded by its runs is compared as the file it names (its checksum), so
+    the same comparison moved elsewhere or named by a relative path keeps every run; a rerun that finishes fewer runs
+    than the table already holds writes its table beside it, never over it."""
+    first = tmp_path / "first"
+    argv = compare_argv(data_dir, first, "--strategies", "baseline,cwd", "--seeds", "0", "--epochs", "1",
+                        "--teacher-epochs", "1")
+    compare.main(compare.get_args_parser().parse_args(argv))
+    good = (first / "results.md").read_text()
+    moved = tmp_path / "elsewhere" / "moved"
+    os.makedirs(moved.parent)
+    shutil.move(first, moved)
+    teacher = os.path.relpath(moved / "teacher" / "best.pth")  # relative now, absolute when the runs were made
+    again = compare_argv(data_dir, os.path.relpath(moved), "--strategies", "baseline,cwd", "--seeds", "0",
+                         "--epochs", "1", "--teacher-weights", teacher)
+    rows = compare.main(compare.get_args_parser().parse_args(again))
+    assert all(r["seeds"] == 1 for r in rows) and (moved / "results.md").read_text().count("FAILED") == 0
+    assert [h["epoch"] for h in history(moved / "cwd_seed0")] == [0]  # kept, not retrained
+    # the teacher replaced by another file: the distilled run fails; the good table stays, the new one lands beside
+    torch.save({"model": common.Teacher(21).state_dict(), "arch": "teacher", "num_classes": 21}, teacher)
+    with pytest.raises(errors.UserError, match="1 of 2 runs failed"):
+        compare.main(compare.get_args_parser().parse_args(again))
+    assert (moved / "results.md").read_text().count("FAILED") == 0
+    assert "FAILED: cwd seed 0" in (moved / "results.incomplete.md").read_text()
