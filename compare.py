@@ -391,6 +391,21 @@ def check_teacher_flags(args):
         raise errors.UserError(f"--teacher-weights {args.teacher_weights}: no such file")
 
 
+def check_weights_before_training(args, distils):
+    """The pretrained weights the runs would each load (the backbone unless --no-pretrained; torchvision's teacher for
+    distilled rows given no teacher, or one fine-tuned here from it): loaded once now, so a missing file stops the
+    comparison before its first run, not in every run after hours of training."""
+    if not args.no_pretrained:
+        common.build_student(args.num_classes, pretrained=True)
+    if distils and not args.teacher_weights and not (args.teacher_epochs and args.no_pretrained):
+        try:
+            common.build_teacher(args.num_classes, pretrained=True)
+        except errors.UserError as e:
+            raise errors.UserError(str(e).replace(", or run with --no-pretrained", "") + ", or give the distilled rows "
+                                   "a teacher: --teacher-weights PATH, or --teacher-epochs N (fine-tuned here; "
+                                   "with --no-pretrained from random weights)") from None
+
+
 def prepare_teacher(args, seeds):
     """(teacher weights for the KD runs, the teacher's run record or None)."""
     if not args.teacher_epochs:
@@ -444,6 +459,7 @@ def main(args):
                                "torchrun; run it as `python compare.py ...` (each run uses the one --device)")
     rows = plan_rows(args)
     check_teacher_flags(args)
+    check_weights_before_training(args, any(r.strategy != BASELINE for r in rows))
     common.check_scales(args.scales, args.image_size or flags.default_image_size(args.image_size_rule, args.toy))
     fileio.check_output_dir(args.out_dir, "--out-dir")
     os.makedirs(args.out_dir, exist_ok=True)

@@ -221,3 +221,17 @@ def test_a_moved_comparison_keeps_its_runs_and_a_worse_table_never_replaces_a_go
         compare.main(compare.get_args_parser().parse_args(again))
     assert (moved / "results.md").read_text().count("FAILED") == 0
     assert "FAILED: cwd seed 0" in (moved / "results.incomplete.md").read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--strategies", "baseline,cwd", "--no-pretrained"], "give the distilled rows a teacher: --teacher-weights"),
+    (["--strategies", "baseline"], "cannot load pretrained weights mobilenet_v3_large"),
+])
+def test_weights_every_run_needs_are_checked_before_any_training(flags, message, data_dir, tmp_path):
+    """Issue 26 item 3: offline, a missing pretrained teacher (distilled rows with no teacher flag) or pretrained
+    backbone (no --no-pretrained) stops the comparison before its first run, in one line, not after training."""
+    argv = [a for a in compare_argv(data_dir, tmp_path / "cmp", *flags, "--seeds", "0", "--epochs", "1")
+            if a != "--no-pretrained" or "--no-pretrained" in flags]
+    with pytest.raises(errors.UserError, match=message) as e:
+        compare.main(compare.get_args_parser().parse_args(argv))
+    assert "\n" not in str(e.value) and not (tmp_path / "cmp" / "baseline_seed0").exists()
