@@ -91,10 +91,17 @@ def parse_grid(text):
     action = next((a for a in parser._actions if flag in a.option_strings), None)
     if action is None or action.dest in RUN_FLAGS:
         raise errors.UserError(f"--grid {text}: {flag} is not a flag {strategy} can sweep (see its script's --help)")
+    if action.dest == "teacher_weights":
+        raise errors.UserError(f"--grid {text}: --teacher-weights is the comparison's own flag (one teacher per table, "
+                               f"its checksum kept with each run); run one comparison per teacher, each with its own "
+                               f"--teacher-weights and --out-dir")
     dest, name = action.dest, action.dest.replace("_", "-")  # a deprecated name is swept (and labelled) as the new one
-    rows = []
+    rows, seen = [], {}
     for value in values.split(","):
         parsed = getattr(parser.parse_args([f"{flag}={value}"]), dest)  # a bad value: argparse's one line, exit 2
+        if parsed in seen:  # two rows would share one run folder
+            raise errors.UserError(f"--grid {text}: {value} repeats {seen[parsed]}; give each value once")
+        seen[parsed] = value
         rows.append(Row(f"{strategy} {name}={value}", strategy, ((dest, parsed),)))
     return rows
 

@@ -112,12 +112,14 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     assert json.loads((out / "response-kd_tau=1_seed0" / "config.json").read_text())["teacher_weights"] == \
         str(teacher)
 
-    # the same folders under another recipe: every finished run is refused, naming the flag, none is retrained
+    # the same folders under another recipe: every finished run is refused, naming the flag, none is retrained; the
+    # table of 2 finished runs stays, the all-failed one lands beside it
     evaluated_at = (out / "teacher_eval.json").stat().st_mtime_ns
     changed = [a if a != "2e-3" else "1e-3" for a in argv]
-    with pytest.raises(errors.UserError, match="3 of 3 runs failed"):
+    with pytest.raises(errors.UserError, match="3 of 3 runs failed .*results.incomplete.md"):
         compare.main(compare.get_args_parser().parse_args(changed))
-    again = json.loads((out / "results.json").read_text())
+    assert json.loads((out / "results.json").read_text()) == results
+    again = json.loads((out / "results.incomplete.json").read_text())
     assert any("was trained with other settings (--lr 0.002 -> 0.001)" in f["error"] for f in again["failed"])
     assert again["teacher"] == results["teacher"] and (out / "teacher_eval.json").stat().st_mtime_ns == evaluated_at
 
@@ -126,7 +128,7 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     torch.save(common.build_teacher(21, pretrained=False).state_dict(), teacher)
     with pytest.raises(errors.UserError, match="2 of 3 runs failed"):
         compare.main(compare.get_args_parser().parse_args(argv))
-    third = json.loads((out / "results.json").read_text())
+    third = json.loads((out / "results.incomplete.json").read_text())
     assert [f["model"] for f in third["failed"]] == ["response-kd tau=1", "response-kd tau=4"]
     assert all("was distilled from another" in f["error"] for f in third["failed"])
     assert third["rows"][0]["miou_runs"] == rows["baseline"]["miou_runs"]
@@ -136,7 +138,9 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     ("nothing:--lr=1", "expected STRATEGY:--FLAG=V1,V2"),
     ("cwd:--no-such-flag=1", "--no-such-flag is not a flag cwd can sweep"),
     ("cwd:--seed=1,2", "--seed is not a flag cwd can sweep"),
-    ("dist:--tau=1,2", "--grid sweeps dist, which --strategies leaves out")])
+    ("dist:--tau=1,2", "--grid sweeps dist, which --strategies leaves out"),
+    ("cwd:--tau=2,2.0", "--grid cwd:--tau=2,2.0: 2.0 repeats 2"),
+    ("cwd:--teacher-weights=a.pth,b.pth", "--teacher-weights is the comparison's own flag")])
 def test_bad_grid_is_one_line_before_any_work(grid, message, data_dir, tmp_path):
     args = compare.get_args_parser().parse_args(compare_argv(data_dir, tmp_path / "cmp", "--strategies",
                                                              "baseline,cwd", "--teacher-epochs", "1", "--grid", grid))
