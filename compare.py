@@ -138,8 +138,9 @@ def finished_history(ns):
     path = os.path.join(ns.out_dir, "history.json")
     if not (ns.resume == "" and os.path.isfile(path)):
         return None
+    history = engine.read_history(path)
     try:
-        history, saved = fileio.read_json(path), fileio.read_json(os.path.join(ns.out_dir, "config.json"))
+        saved = fileio.read_json(os.path.join(ns.out_dir, "config.json"))
     except ValueError as e:
         raise errors.UserError(f"{e}; delete {ns.out_dir} to train this run again") from None
     current = {k: v for k, v in vars(ns).items() if v is not None}
@@ -182,7 +183,7 @@ def train_run(run, runs, args, index, total):
           flush=True)
     try:
         methods.main(run["method"], run["ns"])
-        run["history"] = fileio.read_json(os.path.join(run["dir"], "history.json"))
+        run["history"] = engine.read_history(os.path.join(run["dir"], "history.json"))
         run["status"] = "done"
     except errors.Interrupted as e:
         raise errors.Interrupted(f"{e}\ninterrupted during run {index} of {total} ({run['label']} seed "

@@ -646,6 +646,25 @@ def history_in_percent(ckpt):
     return (None if ckpt["best_miou"] is None else 100 * ckpt["best_miou"]), history
 
 
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_miou", "val_pixel_acc", "epoch_s")
+
+
+def read_history(path):
+    """A run's history.json: a list of epoch records, each with HISTORY_KEYS as numbers; anything else (truncated,
+    not JSON, edited) raises UserError naming the file."""
+    try:
+        history = fileio.read_json(path)
+    except ValueError as e:
+        raise errors.UserError(str(e)) from None
+    for record in history if isinstance(history, list) else [None]:
+        missing = [k for k in HISTORY_KEYS if not isinstance(record, dict) or not isinstance(record.get(k), (int, float))]
+        if missing:
+            where = f"epoch record {record.get('epoch', '?')}" if isinstance(record, dict) else "its content"
+            raise errors.UserError(f"{path} is not a run's history ({where} lacks {', '.join(missing)}); it was "
+                                   f"damaged or edited: delete the run's folder to train it again")
+    return history
+
+
 def save_checkpoint(obj, path):
     fileio.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 

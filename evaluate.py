@@ -306,14 +306,30 @@ def run_timing(weights):
     folder = os.path.dirname(os.path.abspath(weights))
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json"):
-            with open(os.path.join(folder, name)) as f:
-                data = json.load(f)
-            if isinstance(data, dict) and "backends" in data:
+            try:
+                data = fileio.read_json(os.path.join(folder, name))
+            except ValueError:  # not a timing file we can read: it has no latency to show
+                continue
+            if isinstance(data, dict) and isinstance(data.get("backends"), dict):
                 timed = {b: r["latency_ms_median"] for b, r in data["backends"].items() if "latency_ms_median" in r}
                 if timed:
                     best = min(timed, key=timed.get)
                     return best, timed[best]
     return None
+
+
+def run_histories(weights):
+    """{weights: history} of the runs whose folder holds a history.json; a damaged one is left out of the plot with
+    one line naming it, the other models' figures still written."""
+    histories = {}
+    for w in weights:
+        path = os.path.join(os.path.dirname(os.path.abspath(w)), "history.json")
+        if os.path.isfile(path):
+            try:
+                histories[w] = engine.read_history(path)
+            except errors.UserError as e:
+                fileio.warn(f"{e} (left out of miou_vs_epoch.png)")
+    return histories
 
 
 def write_comparison(results, out_dir, n_images):
@@ -335,12 +351,7 @@ def write_comparison(results, out_dir, n_images):
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
         f.write("| " + " | ".join(header[:6]) + " |\n|" + "---|" * 6 + "\n")
         f.writelines("| " + " | ".join(str(v) for v in row[:6]) + " |\n" for row in rows)
-    histories = {}
-    for r in results:
-        path = os.path.join(os.path.dirname(os.path.abspath(r["weights"])), "history.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                histories[r["weights"]] = json.load(f)
+    histories = run_histories([r["weights"] for r in results])
     if histories:
         plots.plot_runs_miou(histories, os.path.join(out_dir, "miou_vs_epoch.png"))
     first = results[0]

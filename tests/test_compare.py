@@ -1,6 +1,7 @@
 """compare.py: strategies x seeds with one recipe; killed half-way (SIGTERM to its process group) and run again it
 finishes without retraining what was finished; the table's figures against the runs' own history.json; a --grid
 sweep; a failing run reported in its row while the others go on; settings changed under a finished run refused."""
+import argparse
 import json
 import os
 import shutil
@@ -239,3 +240,29 @@ def test_weights_every_run_needs_are_checked_before_any_training(flags, message,
     with pytest.raises(errors.UserError, match=message) as e:
         compare.main(compare.get_args_parser().parse_args(argv))
     assert "\n" not in str(e.value) and not (tmp_path / "cmp" / "baseline_seed0").exists()
+
+
+def test_a_damaged_history_is_one_line_naming_it(tmp_path, capsys):
+    """Issue 26 item 6: a history.json that is not JSON, or JSON without an epoch's figures, is one line naming the
+    file: compare.py fails that run alone (the others are kept), evaluate.py --comparison leaves it out of the plot."""
+    import engine
+    import evaluate
+    good, edited, truncated = (tmp_path / name for name in ("good", "edited", "truncated"))
+    record = {"epoch": 0, "train_loss": 1.0, "val_loss": 1.2, "val_miou": 5.0, "val_pixel_acc": 50.0, "epoch_s": 3.0}
+    for folder, text in ((good, json.dumps([record])), (edited, json.dumps([{"epoch": 0, "val_miou": 5.0}])),
+                         (truncated, json.dumps([record])[:20])):
+        folder.mkdir()
+        (folder / "history.json").write_text(text)
+        (folder / "last.pth").write_bytes(b"")
+        (folder / "config.json").write_text("{}")
+    assert engine.read_history(str(good / "history.json")) == [record]
+    with pytest.raises(errors.UserError, match=r"edited/history.json is not a run's history \(epoch record 0 lacks "
+                                               r"train_loss, val_loss, val_pixel_acc, epoch_s\)"):
+        compare.finished_history(argparse.Namespace(out_dir=str(edited), resume="", epochs=1))
+    with pytest.raises(errors.UserError, match=r"truncated/history.json is unreadable"):
+        compare.finished_history(argparse.Namespace(out_dir=str(truncated), resume="", epochs=1))
+    assert compare.finished_history(argparse.Namespace(out_dir=str(good), resume="", epochs=1)) == [record]
+    weights = [str(folder / "best.pth") for folder in (good, edited, truncated)]
+    assert list(evaluate.run_histories(weights)) == weights[:1]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 2 and "edited/history.json" in err and "truncated/history.json" in err
