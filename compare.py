@@ -186,7 +186,8 @@ def train_run(run, runs, args, index, total):
         run["history"] = engine.read_history(os.path.join(run["dir"], "history.json"))
         run["status"] = "done"
     except errors.Interrupted as e:
-        raise errors.Interrupted(f"{e}\ninterrupted during run {index} of {total} ({run['label']} seed "
+        saved = str(e).split("; continue with")[0]  # the script's own advice (--resume) is not compare.py's
+        raise errors.Interrupted(f"{saved}\ninterrupted during run {index} of {total} ({run['label']} seed "
                                  f"{run['seed']}); run the same compare.py command again to finish the table "
                                  f"(finished runs are kept, this one resumes)", e.signal_name) from None
     except errors.UserError as e:
@@ -467,9 +468,9 @@ def main(args):
                                "torchrun; run it as `python compare.py ...` (each run uses the one --device)")
     rows = plan_rows(args)
     check_teacher_flags(args)
-    check_weights_before_training(args, any(r.strategy != BASELINE for r in rows))
     common.check_scales(args.scales, args.image_size or flags.default_image_size(args.image_size_rule, args.toy))
     fileio.check_output_dir(args.out_dir, "--out-dir")
+    check_weights_before_training(args, any(r.strategy != BASELINE for r in rows))  # the flags first: they are cheap
     os.makedirs(args.out_dir, exist_ok=True)
     with engine.run_lock(args.out_dir):  # a second comparison on this folder is refused, naming this one's pid
         return run_comparison(args, rows, distributed.init_distributed(args.device))

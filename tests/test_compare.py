@@ -50,6 +50,7 @@ def test_killed_comparison_finishes_when_run_again_without_retraining(data_dir, 
     assert proc.wait(timeout=60) == 1
     first = (tmp_path / "first.log").read_text()
     assert "run the same compare.py command again to finish the table" in first
+    assert "plus --resume" not in first  # (the training script's advice; compare.py resumes by itself)
     assert not (out / "results.md").exists() and not (out / "response-kd_seed0").exists()
     assert len(history(out / "baseline_seed1")) == 1  # stopped inside its second epoch, saved where it stood
     kept = {name: (out / name / "last.pth").stat().st_mtime_ns for name in ("teacher", "baseline_seed0")}
