@@ -283,8 +283,13 @@ def compute_class_weights(dataset):
                     fileio.write_json(path, {"fingerprint": cache.fingerprint, "formula": "1/ln(1.02 + p_c)",
                                              "pixel_counts": counts, "weights": weights,
                                              "crc32": content_crc32([counts, weights])})
-    log("class weights (1/ln(1.02 + p_c)):", " ".join(f"{w:.2f}" for w in weights))
+    if (path, cache.fingerprint) not in CLASS_WEIGHTS_SHOWN:  # once per process: compare.py's runs share them
+        CLASS_WEIGHTS_SHOWN.add((path, cache.fingerprint))
+        log("class weights (1/ln(1.02 + p_c)):", " ".join(f"{w:.2f}" for w in weights))
     return torch.tensor(weights, dtype=torch.float32)
+
+
+CLASS_WEIGHTS_SHOWN = set()  # (class_weights.json, fingerprint) whose weights this process has printed
 
 
 def weighted_ce(train_set, device):
@@ -336,7 +341,8 @@ class ConfusionMatrix:
 
     def compute(self):
         """mIoU, per-class IoU, pixel accuracy, mean class accuracy, in percent (the unit of every figure this repo
-        prints or writes). Classes absent from both ground truth and prediction have IoU NaN and are left out of the
+        prints or writes), and how many classes the model predicts anywhere (1: one class everywhere, a model that
+        has not learnt). Classes absent from both ground truth and prediction have IoU NaN and are left out of the
         means."""
         m = self.mat.double()
         tp = m.diag()
@@ -346,7 +352,8 @@ class ConfusionMatrix:
         return {"miou": float(np.nanmean(iou.numpy())) if torch.isfinite(iou).any() else float("nan"),
                 "iou_per_class": iou.tolist(),
                 "pixel_acc": float(100 * tp.sum() / m.sum()) if m.sum() > 0 else float("nan"),
-                "mean_class_acc": float(np.nanmean(acc.numpy())) if torch.isfinite(acc).any() else float("nan")}
+                "mean_class_acc": float(np.nanmean(acc.numpy())) if torch.isfinite(acc).any() else float("nan"),
+                "classes_predicted": int((pred > 0).sum())}
 
 
 # ---------------------------------------------------------------------------------------------

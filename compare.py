@@ -1,15 +1,17 @@
 """Compare strategies fairly: every strategy and the baseline trained with the same data, recipe and seeds, in one
 table with the spread over seeds and each strategy's paired difference against the baseline of the same seed.
 
-    python compare.py --toy --strategies baseline,response-kd --seeds 0,1 --epochs 2 --teacher-epochs 2 \\
-        --no-pretrained --image-size 64 --out-dir checkpoints/compare_toy
+    python compare.py --toy --strategies baseline,response-kd --seeds 0,1 --epochs 4 --teacher-epochs 4 \\
+        --no-pretrained --lr 2e-3 --image-size 64 --out-dir checkpoints/compare_toy
     python compare.py --data-dir ./data --strategies baseline,response-kd,cwd,dist --seeds 0,1,2 --epochs 50 \\
         --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip --out-dir checkpoints/compare_voc   # one GPU, torchvision's teacher
-    python compare.py --toy --no-pretrained --teacher-epochs 4 --grid response-kd:--tau=1,2,4 ...   # a sweep
+    python compare.py --toy --no-pretrained --lr 2e-3 --teacher-epochs 4 --grid response-kd:--tau=1,2,4 ...   # a sweep
 
 Every recipe flag (data, --epochs, --batch-size, --lr, --amp, ...) goes to every run alike; each strategy's own flags
 keep their defaults unless --grid sweeps one (each value its own row). The teacher is --teacher-weights, or fine-tuned
 once here (--teacher-epochs N, OUT_DIR/teacher), or torchvision's pretrained one. Runs live in OUT_DIR/<row>_seed<S>.
+From random weights (--no-pretrained, as on the toy set) the default --lr 1e-4 hardly moves in a few epochs (every
+model predicts one class everywhere): the toy examples use 2e-3, and a table whose models predict one class says so.
 
 Running the same command again finishes the table: a finished run (same settings) is never trained again, an
 interrupted one resumes where it stopped (SIGINT/SIGTERM leave every run resumable). A run that fails is reported in
@@ -64,7 +66,7 @@ def get_args_parser():
                              "(default: %(default)s)")
     parser.add_argument("--grid", action="append", default=[], metavar="STRATEGY:--FLAG=V1,V2",
                         help="sweep one flag of a strategy, each value its own row, e.g. "
-                             "response-kd:--tau=1,2,4 (repeatable)")
+                             "response-kd:--tau=1,2,4; a switch as 0,1, e.g. cwd:--no-teacher-cache=0,1 (repeatable)")
     engine.add_recipe_args(parser, seed=False)
     distill.add_teacher_args(parser)
     flags.add_multiscale_args(parser)
@@ -96,14 +98,37 @@ def parse_grid(text):
                                f"its checksum kept with each run); run one comparison per teacher, each with its own "
                                f"--teacher-weights and --out-dir")
     dest, name = action.dest, action.dest.replace("_", "-")  # a deprecated name is swept (and labelled) as the new one
+    if action.nargs == 0:  # a switch is labelled as given: --no-channels-last=1 is no-channels-last=1
+        name = flag[2:]
+    parser.exit_on_error = False  # a bad value: one line naming --grid, not the strategy script's usage
     rows, seen = [], {}
     for value in values.split(","):
-        parsed = getattr(parser.parse_args([f"{flag}={value}"]), dest)  # a bad value: argparse's one line, exit 2
+        try:
+            parsed = getattr(parser.parse_args(grid_argv(action, flag, value, text)), dest)
+        except argparse.ArgumentError as e:
+            raise errors.UserError(f"--grid {text}: {e}") from None
         if parsed in seen:  # two rows would share one run folder
             raise errors.UserError(f"--grid {text}: {value} repeats {seen[parsed]}; give each value once")
         seen[parsed] = value
         rows.append(Row(f"{strategy} {name}={value}", strategy, ((dest, parsed),)))
     return rows
+
+
+SWITCH_VALUES = {**dict.fromkeys(("1", "true", "on", "yes"), True), **dict.fromkeys(("0", "false", "off", "no"), False)}
+
+
+def grid_argv(action, flag, value, text):
+    """The command line that sets one grid value: --flag=V, or for a switch (a flag that takes no value, such as
+    --no-teacher-cache) V one of SWITCH_VALUES: the switch given or not (a --x/--no-x pair: the one or the other)."""
+    if action.nargs != 0:
+        return [f"{flag}={value}"]
+    if value.lower() not in SWITCH_VALUES:
+        raise errors.UserError(f"--grid {text}: {flag} is a switch; sweep it as {flag}=0,1 (or off,on / false,true), "
+                               f"got {value}")
+    if isinstance(action, argparse.BooleanOptionalAction):
+        given = flag if SWITCH_VALUES[value.lower()] else next(o for o in action.option_strings if o != flag)
+        return [given]
+    return [flag] if SWITCH_VALUES[value.lower()] else []
 
 
 def plan_rows(args):
@@ -285,7 +310,8 @@ def summarise_row(row, runs, base_runs):
            "best_epoch_miou_runs": list(best.values()),
            "pixel_acc": statistics.mean(r["history"][-1]["val_pixel_acc"] for r in ok) if ok else None,
            "epochs": len(ok[0]["history"]) if ok else 0, "epoch_s": statistics.median(times) if times else None,
-           "histories": {r["seed"]: r["history"] for r in ok}}
+           "histories": {r["seed"]: r["history"] for r in ok},
+           "one_class_seeds": [r["seed"] for r in ok if r["history"][-1].get("val_classes_predicted") == 1]}
     out["miou"], out["miou_std"] = mean_std(out["miou_runs"])
     out["best_epoch_miou"], out["best_epoch_miou_std"] = mean_std(out["best_epoch_miou_runs"])
     out["ms_miou"], out["ms_miou_std"] = mean_std(ms)
@@ -364,6 +390,12 @@ def write_results(args, rows, teacher, runs, device_name):
                                         "multi-scale: not asked for (--scales/--flip).")
     if not have_base:
         notes += "- no paired difference: --strategies has no plain baseline row.\n"
+    one_class = [f"{r['model']} (seed {', '.join(map(str, r['one_class_seeds']))})" for r in rows
+                 if r["one_class_seeds"]]
+    one_class_note = (f"NOTE: these models predict one class everywhere on val after their last epoch, so their "
+                      f"figures say nothing about the strategy: {'; '.join(one_class)}. The recipe has not learnt: "
+                      f"raise --lr (2e-3 on the toy set from random weights) or --epochs." if one_class else "")
+    notes += f"\n{one_class_note}\n" if one_class else ""
     text = "\n".join(lines) + "\n\n" + (
         f"{len(args.seeds)} seeds ({','.join(map(str, args.seeds))}), {args.epochs} epochs each, on {device_name}.\n\n"
         + notes + "".join(f"\nFAILED: {r['label']} seed {r['seed']}: {r['error']}" for r in failed))
@@ -375,7 +407,7 @@ def write_results(args, rows, teacher, runs, device_name):
         "teacher": None if teacher is None else {k: v for k, v in teacher.items() if k != "history"},
         "rows": [{k: v for k, v in r.items() if k != "histories"} for r in rows],
         "failed": [{"model": r["label"], "seed": r["seed"], "error": r["error"]} for r in failed]})
-    print("\n" + "\n".join(lines))
+    print("\n" + "\n".join(lines) + (f"\n{one_class_note}" if one_class else ""))
     if name != "results":
         print(f"kept {args.out_dir}/results.md ({before} finished runs); this attempt finished {finished}: its table "
               f"is {args.out_dir}/{name}.md", flush=True)
@@ -384,8 +416,10 @@ def write_results(args, rows, teacher, runs, device_name):
     groups = {f"{r['model']} seed {s}": r["model"] for r in rows for s in r["histories"]}
     if teacher is not None and teacher.get("history"):
         histories = {"teacher": teacher["history"], **histories}
-    if histories:
-        plots.plot_runs_miou(histories, os.path.join(args.out_dir, "miou_all.png"), groups)
+    if not finished:  # no student to plot: no empty chart
+        print(f"table: {args.out_dir}/results.md (+ results.json); no plots: no run finished", flush=True)
+        return os.path.join(args.out_dir, "results.md")
+    plots.plot_runs_miou(histories, os.path.join(args.out_dir, "miou_all.png"), groups)
     plots.plot_comparison([r for r in rows if r["seeds"]], None if teacher is None else teacher.get("miou"),
                           os.path.join(args.out_dir, "summary.png"))
     print(f"table: {args.out_dir}/results.md (+ results.json), plots: {args.out_dir}/summary.png and miou_all.png")
@@ -476,6 +510,9 @@ def main(args):
         return run_comparison(args, rows, distributed.init_distributed(args.device))
 
 
+AGAIN = "every finished run and evaluation is kept; run the same compare.py command again to finish the table"
+
+
 def run_comparison(args, rows, device):
     """Train what is not finished, evaluate, write the results; the table's rows."""
     distils = any(r.strategy != BASELINE for r in rows)
@@ -501,7 +538,7 @@ def run_comparison(args, rows, device):
     print(f"compare: {len(rows)} rows x {len(args.seeds)} seeds{' + the teacher' if teacher_run else ''}: "
           f"{len(runs)} runs, {len(runs) - len(todo) - sum(r['status'] == 'failed' for r in runs)} already "
           f"finished, {len(todo)} to train -> {args.out_dir}", flush=True)
-    with fileio.on_signal_exit("comparing (between runs)"):
+    with fileio.on_signal_exit("comparing (between runs)", advice=AGAIN):
         for i, run in enumerate(todo, 1):
             if run["strategy"] not in (BASELINE, "teacher") and teacher_run is not None \
                     and teacher_run["status"] == "failed":
@@ -509,11 +546,12 @@ def run_comparison(args, rows, device):
                 continue
             if check_teacher(run, teacher_weights):
                 train_run(run, runs, args, i, len(todo))
+    with fileio.on_signal_exit("evaluating the final models", advice=AGAIN):
         for run in runs:
             if run is not teacher_run and (run["status"] != "done" or check_teacher(run, teacher_weights)):
                 evaluate_run(run, args, device)
-    num_classes = runs[-1]["ns"].num_classes
-    teacher = describe_teacher(args, teacher_weights, teacher_run, device, num_classes) if distils else None
+        num_classes = runs[-1]["ns"].num_classes
+        teacher = describe_teacher(args, teacher_weights, teacher_run, device, num_classes) if distils else None
     student_params = common.count_params(common.build_student(num_classes, pretrained=False)) / 1e6
     summaries = []
     for row in rows:

@@ -7,7 +7,7 @@ live-teacher variants (response KD with the live teacher) and the teacher-logit 
     python demo.py                       # ~22 min on one CPU core (the teacher 13); results in checkpoints/demo/
     python demo.py --all                 # then: + the feature methods, which run the teacher live (~36 min more)
     python demo.py --live-kd             # then: + response KD with the live teacher, cache fidelity
-    python demo.py --real --data-dir ./data --image-size 256 --epochs 50 --teacher-epochs 0 --pretrained
+    python demo.py --no-toy --data-dir ./data --image-size 256 --epochs 50 --teacher-epochs 0 --pretrained
 
 Running it again continues where it stopped and keeps every finished run (compare.py's resumption).
 --teacher-epochs 0 skips fine-tuning and distils from torchvision's pretrained teacher. Anything beyond these presets
@@ -15,6 +15,7 @@ Running it again continues where it stopped and keeps every finished run (compar
 """
 import argparse
 import os
+import sys
 
 import torch
 
@@ -30,7 +31,11 @@ import methods
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Teacher and students of every strategy, compared.")
     parser.add_argument("--data-dir", default="./data", help="data folder (default: %(default)s)")
-    parser.add_argument("--real", action="store_true", help="use VOC 2012 under --data-dir instead of the toy set")
+    parser.add_argument("--toy", action=argparse.BooleanOptionalAction, default=True,
+                        help="the synthetic VOC-format set under DATA_DIR/toy (offline); --no-toy: VOC 2012 under "
+                             "--data-dir (default: the toy set)")
+    parser.add_argument("--real", action=RealAlias, nargs=0, dest="toy", default=argparse.SUPPRESS,
+                        help="deprecated name of --no-toy")
     parser.add_argument("--out-dir", default="checkpoints/demo", help="folder of all runs (default: %(default)s)")
     parser.add_argument("--seeds", type=compare.seed_list, default="0,1",
                         help="comma-separated seeds of the students (default: %(default)s)")
@@ -53,9 +58,18 @@ def get_args_parser():
     parser.add_argument("--live-kd", action="store_true",
                         help="also train response KD with the live teacher (--no-teacher-cache) for every seed, and "
                              "measure the teacher-logit cache against the live teacher on augmented crops")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="start from torchvision's pretrained weights (needs them downloaded)")
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                        help="start from torchvision's pretrained weights (needs them downloaded); --no-pretrained: "
+                             "random weights, as the toy presets are (default: %(default)s)")
     return parser
+
+
+class RealAlias(argparse.Action):
+    """--real, the old name of --no-toy: sets it and says so."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("warning: --real is deprecated and will be removed; it sets --no-toy, use that instead", file=sys.stderr)
+        namespace.toy = False
 
 
 def compare_args(args):
@@ -66,7 +80,7 @@ def compare_args(args):
     for dest in ("seeds", "out_dir", "teacher_epochs", "epochs", "image_size", "batch_size", "lr", "data_dir",
                  "limit_train", "limit_val"):
         setattr(ns, dest, getattr(args, dest))
-    ns.toy, ns.no_pretrained = not args.real, not args.pretrained
+    ns.toy, ns.no_pretrained = args.toy, not args.pretrained
     return ns
 
 
@@ -74,7 +88,7 @@ def measure_cache_fidelity(args, teacher_path, out_dir):
     """The teacher-logit cache against the live teacher on augmented crops of the training set (fidelity.json)."""
     parsed = methods.get_args_parser(methods.registry()["response-kd"]).parse_args(
         [f"--image-size={args.image_size}", "--data-dir", args.data_dir, "--workers", "0"]
-        + ([] if args.real else ["--toy"])
+        + (["--toy"] if args.toy else [])
         + ([] if args.limit_train is None else [f"--limit-train={args.limit_train}"]))
     data = common.data_config(parsed)
     dataset = common.build_datasets(data, splits=("train",))["train"]

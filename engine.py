@@ -72,10 +72,12 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
-def add_amp_arg(parser):
+def add_amp_arg(parser, trains=True):
+    """--amp; trains=False: a script that only runs the networks forward (no gradient scaler to mention)."""
     parser.add_argument("--amp", nargs="?", const="auto", choices=("auto", "bf16", "fp16"), default=None,
-                        help="mixed precision (autocast): bf16, or fp16 with a gradient scaler; --amp alone picks bf16 "
-                             "where the device supports it (CPU, recent GPUs), else fp16 (default: off, fp32)")
+                        help=f"mixed precision (autocast): bf16, or fp16{' with a gradient scaler' if trains else ''}; "
+                             f"--amp alone picks bf16 where the device supports it (CPU, recent GPUs), else fp16 "
+                             f"(default: off, fp32)")
     return parser
 
 
@@ -135,7 +137,7 @@ def add_recipe_args(parser, default_epochs=50, seed=True):
                         help="hold the training split (uint8 pixels and masks, cached teacher logits) in the training "
                              "device's memory and augment each batch there (batched grid_sample): no loader workers "
                              "to wait for. auto: on for CUDA when the split takes at most "
-                             f"{device_data.FREE_MEMORY_SHARE:.0%} of its free memory, off on CPU (default: %(default)s)")
+                             f"{100 * device_data.FREE_MEMORY_SHARE:.0f} %% of its free memory, off on CPU (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training step (the student's forward and its loss; the first steps "
                              "compile, minutes on a CPU); measure it first (bench_throughput.py --compile both)")
@@ -731,7 +733,8 @@ def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
             scheduler.step(metrics["miou"])
             record = {"epoch": epoch, **epoch_stats(progress, cfg.device), "val_loss": metrics["loss"],
                       "val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"],
-                      "val_mean_class_acc": metrics["mean_class_acc"], "lr": optimizer.param_groups[0]["lr"],
+                      "val_mean_class_acc": metrics["mean_class_acc"],
+                      "val_classes_predicted": metrics["classes_predicted"], "lr": optimizer.param_groups[0]["lr"],
                       "epoch_s": seconds_before + time.perf_counter() - t0}
             with stop.saving():
                 end_epoch(save, state, record, cfg, arch)
@@ -854,7 +857,8 @@ def format_epoch(rec):
     parts = " ".join(f"{k[len('train_loss_'):]} {v:.4f}" for k, v in rec.items() if k.startswith("train_loss_"))
     return (f"epoch {rec['epoch']:3d} | train loss {rec['train_loss']:.4f} ({parts}) | val loss {rec['val_loss']:.4f} "
             f"mIoU {rec['val_miou']:.2f} pixel acc {rec['val_pixel_acc']:.2f} | lr {rec['lr']:.2e} | "
-            f"{rec['epoch_s']:.1f}s {rec['train_img_s']:.1f} img/s data wait {100 * rec['data_wait_frac']:.0f}%")
+            f"{rec['epoch_s']:.1f}s {rec['train_img_s']:.1f} img/s data wait {100 * rec['data_wait_frac']:.0f}%"
+            + (" | predicts one class everywhere on val" if rec.get("val_classes_predicted") == 1 else ""))
 
 
 class StopRequest:

@@ -42,11 +42,11 @@ def get_args_parser():
     parser.add_argument("--comparison", default="checkpoints/comparison", metavar="DIR",
                         help="where a comparison of several models goes: comparison.md/.csv, miou_vs_epoch.png, "
                              "side_by_side.png (default: %(default)s)")
-    flags.add_data_args(parser, "checkpoint")
+    flags.add_data_args(parser, "checkpoint", trains=False)
     parser.add_argument("--split", default="val", help="ImageSets/Segmentation list to evaluate (default: %(default)s)")
     parser.add_argument("--batch-size", type=flags.positive_int, default=8, help="batch size (default: %(default)s)")
     flags.add_multiscale_args(parser)
-    engine.add_amp_arg(parser)
+    engine.add_amp_arg(parser, trains=False)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON to PATH")
     parser.add_argument("--save-predictions", default=None, metavar="DIR",
                         help="write each prediction as a VOC-palette PNG named by image id")

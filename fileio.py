@@ -158,13 +158,13 @@ def make_cache_dir(path, damage=None):
 
 
 @contextlib.contextmanager
-def on_signal_exit(what, cleanup=()):
+def on_signal_exit(what, cleanup=(), advice="nothing half-built was kept, the next run builds it again"):
     """While building something slow (a cache): SIGINT/SIGTERM removes the half-written files in `cleanup` and exits
-    with one line; the next run builds it again. Any other failure removes them too."""
+    with one line (`advice`: what was kept and what to do); the next run builds it again. Any other failure removes
+    them too."""
     def handler(signum, frame):
         name = signal.Signals(signum).name
-        raise errors.Interrupted(f"interrupted by {name} while {what}; nothing half-built was kept, the next run "
-                                 f"builds it again", name)
+        raise errors.Interrupted(f"interrupted by {name} while {what}; {advice}", name)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

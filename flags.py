@@ -89,12 +89,13 @@ def default_image_size(rule, toy, trained=None):
     return TOY_IMAGE_SIZE if toy else REAL_IMAGE_SIZE
 
 
-def add_data_args(parser, image_size_rule, seed=True):
+def add_data_args(parser, image_size_rule, seed=True, trains=True):
     """Flags that say which data to read (every script that touches data); image_size_rule: how --image-size defaults
     in this script (a key of IMAGE_SIZE_RULES), recorded for data_config() with the defaults of the training-only data
     flags (a training script's own --limit-train and --train-set replace them). seed=False: the script sets the seed
-    itself (compare.py's --seeds)."""
+    itself (compare.py's --seeds). trains=False: the script only runs the networks forward (its help says so)."""
     parser.set_defaults(image_size_rule=image_size_rule, limit_train=None, train_set="train")
+    use = "training crops and validation resize" if trains else "each image resized to N x N"
     parser.add_argument("--data-dir", default="./data", help="folder holding VOCdevkit/VOC2012 (downloaded here "
                         "on first use) and, with --toy, the synthetic set (default: %(default)s)")
     parser.add_argument("--toy", action="store_true", help="use the synthetic VOC-format dataset generated under "
@@ -105,8 +106,7 @@ def add_data_args(parser, image_size_rule, seed=True):
     parser.add_argument("--num-classes", type=positive_int, default=len(VOC_CLASSES),
                         help="classes in the masks, background included (default: %(default)s)")
     parser.add_argument("--image-size", type=image_size, default=None,
-                        help=f"network input size: training crops and validation resize (default: "
-                             f"{IMAGE_SIZE_RULES[image_size_rule]})")
+                        help=f"network input size: {use} (default: {IMAGE_SIZE_RULES[image_size_rule]})")
     parser.add_argument("--eval-size", type=image_size, default=None, help="compute metrics on masks resized to "
                         "N x N instead of at each image's original resolution (default: original)")
     parser.add_argument("--limit-val", type=positive_int, default=None, help="use only the first N val images")

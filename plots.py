@@ -2,6 +2,7 @@
 loss.png and miou.png (engine, after every epoch), several runs' val mIoU per epoch (evaluate.py --runs, compare.py),
 and a comparison's final mIoU per strategy (compare.py).
 """
+import math
 import os
 
 
@@ -24,19 +25,25 @@ def plot_history(history, out_dir):
     finish_plot(fig, ax, "%", "Validation", os.path.join(out_dir, "miou.png"))
 
 
+DODGE = 0.5  # epochs: how far apart plot_runs_miou draws the first and the last run's points of one epoch
+
+
 def plot_runs_miou(histories, path, groups=None):
     """Val mIoU per epoch of several runs ({label: history}) in one chart. groups ({label: group}, e.g. a strategy):
-    one colour per group and a line style per run within it (its seeds), so no two groups share a colour."""
+    one colour per group and a line style per run within it (its seeds), so no two groups share a colour. The runs are
+    spread sideways over DODGE epochs, so runs of one epoch (or equal figures) do not hide each other."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4) if len(histories) <= 8 else (7.5, 5))
     colours, members = {}, {}
-    for label, history in histories.items():
+    step = DODGE / max(len(histories) - 1, 1)
+    for i, (label, history) in enumerate(histories.items()):
         group = (groups or {}).get(label, label)
         colour = colours.setdefault(group, f"C{len(colours) % 10}")
         members[group] = members.get(group, -1) + 1
-        ax.plot([h["epoch"] for h in history], [h["val_miou"] for h in history], color=colour, marker="o",
+        shift = (i - (len(histories) - 1) / 2) * step  # runs dodged sideways: the same epoch's points side by side
+        ax.plot([h["epoch"] + shift for h in history], [h["val_miou"] for h in history], color=colour, marker="o",
                 markersize=3, linestyle=("-", "--", ":", "-.")[members[group] % 4], label=label)
     finish_plot(fig, ax, "val mIoU (%)", "Validation mIoU per run", path, legend_size=7)
 
@@ -75,10 +82,9 @@ def finish_plot(fig, ax, ylabel, title, path, legend_size=None):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
-    low, high = ax.get_xlim()
-    if high - low < 2:  # matplotlib pads a single epoch by +-0.05, which would get ticks at -0.04, -0.02, ...
-        middle = round((low + high) / 2)
-        ax.set_xlim(middle - 1, middle + 1)
+    first, last = ax.dataLim.intervalx
+    if last - first < 2:  # matplotlib pads a run of 1 or 2 epochs by 5 %, which would get ticks at -0.04, -0.02, ...
+        ax.set_xlim(math.floor(first + 0.5) - 1, math.ceil(last - 0.5) + 1)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)

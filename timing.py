@@ -36,7 +36,7 @@ def backend_list(text):
 
 
 def add_timing_args(parser):
-    flags.add_data_args(parser, "deployment")
+    flags.add_data_args(parser, "deployment", trains=False)
     parser.add_argument("--backend", type=backend_list, default="eager",
                         help=f"how the model runs: {', '.join(TIMING_BACKENDS)}, a comma-separated list of them, or "
                              f"'all' for every backend side by side (default: %(default)s)")

@@ -58,6 +58,7 @@ def test_killed_comparison_finishes_when_run_again_without_retraining(data_dir, 
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "5 runs, 2 already finished, 3 to train" in again.stdout
+    assert again.stdout.count("class weights (") == 1  # once per comparison, not once per run
     assert "== run 1 of 3: baseline seed 1" in again.stdout and "resumed" in again.stdout
     assert kept == {name: (out / name / "last.pth").stat().st_mtime_ns for name in kept}  # never trained again
 
@@ -142,7 +143,10 @@ def test_grid_rows_a_failed_run_and_changed_settings(data_dir, tmp_path):
     ("cwd:--seed=1,2", "--seed is not a flag cwd can sweep"),
     ("dist:--tau=1,2", "--grid sweeps dist, which --strategies leaves out"),
     ("cwd:--tau=2,2.0", "--grid cwd:--tau=2,2.0: 2.0 repeats 2"),
-    ("cwd:--teacher-weights=a.pth,b.pth", "--teacher-weights is the comparison's own flag")])
+    ("cwd:--teacher-weights=a.pth,b.pth", "--teacher-weights is the comparison's own flag"),
+    ("cwd:--tau=1,x", r"--grid cwd:--tau=1,x: argument --tau: invalid float value: 'x'"),  # not cwd's usage, exit 2
+    ("cwd:--no-teacher-cache=maybe", r"--no-teacher-cache is a switch; sweep it as --no-teacher-cache=0,1"),
+    ("cwd:--no-teacher-cache=1,on", "on repeats 1")])
 def test_bad_grid_is_one_line_before_any_work(grid, message, data_dir, tmp_path):
     args = compare.get_args_parser().parse_args(compare_argv(data_dir, tmp_path / "cmp", "--strategies",
                                                              "baseline,cwd", "--teacher-epochs", "1", "--grid", grid))
@@ -172,6 +176,13 @@ def test_grid_takes_the_new_flag_names_and_the_old_ones_as_them(capsys):
     assert compare.parse_grid("response-kd:--temperature=3") == [
         compare.Row("response-kd tau=3", "response-kd", (("tau", 3.0),))]
     assert "--temperature is deprecated" in capsys.readouterr().err
+    # a switch (a flag that takes no value) as 0/1: given or not; a --x/--no-x pair as the one or the other
+    assert compare.parse_grid("cwd:--no-teacher-cache=0,1") == [
+        compare.Row("cwd no-teacher-cache=0", "cwd", (("no_teacher_cache", False),)),
+        compare.Row("cwd no-teacher-cache=1", "cwd", (("no_teacher_cache", True),))]
+    assert compare.parse_grid("baseline:--no-channels-last=on,off") == [
+        compare.Row("baseline no-channels-last=on", "baseline", (("channels_last", False),)),
+        compare.Row("baseline no-channels-last=off", "baseline", (("channels_last", True),))]
     assert compare.get_args_parser().parse_args(["--strategies", "all"]).strategies == list(methods.strategies())
 
 
@@ -267,3 +278,63 @@ def test_a_damaged_history_is_one_line_naming_it(tmp_path, capsys):
     assert list(evaluate.run_histories(weights)) == weights[:1]
     err = capsys.readouterr().err
     assert err.count("warning:") == 2 and "edited/history.json" in err and "truncated/history.json" in err
+
+
+def test_a_signal_during_the_final_evaluation_says_what_is_kept(data_dir, tmp_path, monkeypatch):
+    """Issue 26 item 8: SIGINT while the finished runs are evaluated at --scales said "nothing half-built was kept,
+    the next run builds it again" (the caches' wording); now what is kept and the command to finish."""
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # (the handler raises in the main thread at once)
+        raise AssertionError("SIGINT was not handled")
+    out = tmp_path / "cmp"
+    args = compare.get_args_parser().parse_args(compare_argv(data_dir, out, "--strategies", "baseline", "--seeds", "0",
+                                                             "--epochs", "1", "--scales", "0.5,1"))
+    monkeypatch.setattr(compare, "final_evaluation", interrupted)
+    with pytest.raises(errors.Interrupted) as e:
+        compare.main(args)
+    assert str(e.value) == ("interrupted by SIGINT while evaluating the final models; every finished run and "
+                            "evaluation is kept; run the same compare.py command again to finish the table")
+    assert len(history(out / "baseline_seed0")) == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_plots_and_notes_of_short_failed_and_unlearnt_comparisons(tmp_path, monkeypatch):
+    """Issue 26 items 9 and 10: miou_all.png of 2-epoch runs had an x axis from -1 to 1 (epoch 1 on its edge) and
+    1-epoch runs drawn on one x; every run failed: an empty summary.png; models predicting one class everywhere: a
+    table of identical figures that did not say why."""
+    import matplotlib.figure
+    import plots
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    def record(fig, path, **kwargs):
+        lines = fig.axes[0].lines
+        drawn.append((os.path.basename(path), fig.axes[0].get_xlim(), [list(line.get_xdata()) for line in lines]))
+        return save(fig, path, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    epoch = {"train_loss": 1.0, "val_loss": 1.0, "val_miou": 5.0, "val_pixel_acc": 50.0, "epoch_s": 1.0}
+    for epochs, limits in ((2, (-1, 2)), (1, (-1, 1))):
+        runs = {f"run {i}": [dict(epoch, epoch=e) for e in range(epochs)] for i in range(3)}
+        plots.plot_runs_miou(runs, str(tmp_path / "miou_all.png"))
+        name, xlim, xs = drawn.pop()
+        assert xlim == limits and len({x[-1] for x in xs}) == 3  # every epoch inside, each run's point its own x
+        assert all(abs(x - e) <= plots.DODGE / 2 for line in xs for e, x in enumerate(line))
+
+    args = compare.get_args_parser().parse_args(["--out-dir", str(tmp_path / "cmp"), "--seeds", "0,1"])
+    os.makedirs(args.out_dir)
+    def summary(outcomes):
+        runs = [dict(outcome, label="baseline", seed=s) for s, outcome in enumerate(outcomes)]
+        row = compare.summarise_row(compare.Row("baseline", "baseline"), runs, runs)
+        return [dict(row, params_m=3.3)], [r for r in runs if r["status"] == "failed"]
+    failed = {"status": "failed", "error": "out of memory"}
+    rows, failed_runs = summary([failed, failed])
+    compare.write_results(args, rows, None, failed_runs, "CPU")
+    assert (tmp_path / "cmp" / "results.md").exists() and not (tmp_path / "cmp" / "summary.png").exists()
+    unlearnt = {"status": "done", "history": [dict(epoch, epoch=0, val_classes_predicted=1)]}
+    learnt = {"status": "done", "history": [dict(epoch, epoch=0, val_classes_predicted=4)]}
+    rows, _ = summary([unlearnt, learnt])
+    compare.write_results(args, rows, None, [], "CPU")
+    assert rows[0]["one_class_seeds"] == [0]
+    assert "NOTE: these models predict one class everywhere on val after their last epoch, so their figures say " \
+           "nothing about the strategy: baseline (seed 0). The recipe has not learnt: raise --lr" in \
+           (tmp_path / "cmp" / "results.md").read_text()
+    assert {name for name, _, _ in drawn} == {"miou_all.png", "summary.png"}

@@ -165,3 +165,7 @@ def test_confusion_matrix_against_numpy():
     assert out["miou"] == pytest.approx(np.nanmean(ious), rel=1e-12)
     assert out["pixel_acc"] == pytest.approx(100 * np.sum((target == pred) & valid) / valid.sum(), rel=1e-12)
     assert out["mean_class_acc"] == pytest.approx(np.nanmean(accs), rel=1e-12)
+    assert out["classes_predicted"] == len(np.unique(pred[valid])) == 5  # (5 never predicted)
+    one = common.ConfusionMatrix(c)
+    one.update(torch.from_numpy(target), torch.zeros(target.shape, dtype=torch.int64))
+    assert one.compute()["classes_predicted"] == 1  # a model that has not learnt: background everywhere

@@ -38,3 +38,14 @@ def test_demo_table_summarises_every_seed(data_dir, tmp_path):
     fidelity = json.loads((out / "fidelity.json").read_text())
     assert set(fidelity) == {"T=1", "T=2"} and all(0 <= f["argmax_agreement"] <= 1 for f in fidelity.values())
     assert fidelity["T=1"]["argmax_agreement"] == fidelity["T=2"]["argmax_agreement"]  # T does not move the argmax
+
+
+def test_demo_takes_the_data_and_weights_flags_every_script_takes(capsys):
+    """Issue 26 item 8: demo.py's --real/--pretrained were its own; now --toy/--no-toy and --pretrained/--no-pretrained
+    mean what --toy and --no-pretrained mean everywhere (the toy set and random weights stay its defaults)."""
+    def comparison(*argv):
+        ns = demo.compare_args(demo.get_args_parser().parse_args(list(argv)))
+        return ns.toy, ns.no_pretrained
+    assert comparison() == comparison("--toy", "--no-pretrained") == (True, True)
+    assert comparison("--no-toy", "--pretrained") == (False, False)
+    assert comparison("--real") == (False, True) and "--real is deprecated" in capsys.readouterr().err

@@ -125,6 +125,15 @@ def test_numeric_flags_are_range_checked(module, flag, value, capsys):
     assert_flag_refused(module, ["--toy", flag, value], capsys)
 
 
+def test_help_describes_what_each_script_does_with_the_flag():
+    """Issue 26 item 8: evaluate.py's --help spoke of a gradient scaler and training crops, which it has none of."""
+    import time_student
+    for module, trains in ((evaluate, False), (time_student, False), (train_baseline, True)):
+        text = " ".join(module.get_args_parser().format_help().split())
+        assert ("gradient scaler" in text) == ("training crops" in text) == trains, module.__name__
+        assert trains or "each image resized to N x N" in text
+
+
 def test_missing_pretrained_weights_stop_before_the_pixel_cache(data_dir, tmp_path):
     cache = tmp_path / "cache"
     proc = subprocess.run([sys.executable, "train_baseline.py", "--toy", "--data-dir", data_dir, "--cache-dir",

@@ -90,3 +90,12 @@ def test_only_entry_points_end_the_process():
 # errors.main_entry turns the project's exceptions into an exit status; a second signal during training exits at once;
 # a torchrun process ends without Python's teardown (distributed.end_process, called by main_entry)
 ALLOWED_ENDERS = {("errors", "sys.exit"), ("engine", "os._exit"), ("distributed", "os._exit")}
+
+
+def test_every_scripts_help_prints():
+    """`python <script>.py --help` of every script (a literal % in a help text broke every training script's)."""
+    import importlib
+    for name in sorted(SCRIPTS):
+        module = importlib.import_module(name)
+        if hasattr(module, "get_args_parser"):
+            assert "--help" in module.get_args_parser().format_help(), name

@@ -22,6 +22,7 @@ from conftest import REPO, VOC_SAMPLE, assert_flag_refused, small_run_args
 from student_model import LightweightDeepLabV3
 
 HISTORY_KEYS = {"epoch", "train_loss", "train_loss_ce", "val_loss", "val_miou", "val_pixel_acc", "lr", "epoch_s",
+                "val_classes_predicted",
                 "train_img_s", "data_wait_frac"}
 
 
