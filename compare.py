@@ -1,8 +1,8 @@
 """Compare strategies fairly: every strategy and the baseline trained with the same data, recipe and seeds, in one
 table with the spread over seeds and each strategy's paired difference against the baseline of the same seed.
 
-    python compare.py --toy --strategies baseline,response-kd --seeds 0,1 --epochs 4 --teacher-epochs 4 \\
-        --no-pretrained --lr 2e-3 --image-size 64 --out-dir checkpoints/compare_toy
+    python compare.py --toy --strategies baseline,response-kd --seeds 0,1 --epochs 10 --teacher-epochs 12 \\
+        --no-pretrained --lr 2e-3 --image-size 64 --out-dir checkpoints/compare_toy   # demo.py's recipe, ~9 min on 2 cores
     python compare.py --data-dir ./data --strategies baseline,response-kd,cwd,dist --seeds 0,1,2 --epochs 50 \\
         --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip --out-dir checkpoints/compare_voc   # one GPU, torchvision's teacher
     python compare.py --toy --no-pretrained --lr 2e-3 --teacher-epochs 4 --grid response-kd:--tau=1,2,4 ...   # a sweep
