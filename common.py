@@ -500,9 +500,15 @@ def load_model(path, flag="--weights", expect_arch=None):
                                f"LightweightDeepLabV3 nor the FCN-ResNet50 teacher)")
     if expect_arch is not None and arch != expect_arch:
         raise errors.UserError(f"{flag} {path} holds a {arch}, not a {expect_arch} checkpoint")
-    model = Teacher(num_classes) if arch == "teacher" else build_student(num_classes, pretrained=False)
     try:
-        model.load_state_dict(state)
+        if arch == "teacher":  # built without initialising its 33M weights (a quarter second), then given the file's
+            with torch.device("meta"):  # (strict: every parameter and buffer comes from the file, shapes checked)
+                model = Teacher(num_classes)
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                                  assign=True)
+        else:
+            model = build_student(num_classes, pretrained=False)
+            model.load_state_dict(state)
     except RuntimeError as e:
         raise errors.UserError(f"{flag} {path} does not fit the {arch} architecture ({str(e).splitlines()[0]}...)")
     return LoadedModel(model, arch, num_classes, ckpt)

@@ -14,6 +14,21 @@ import common  # noqa: E402
 import engine  # noqa: E402
 import toy_voc  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest.ini's -n 2: two test processes share the cores, so one thread
+    os.environ["OMP_NUM_THREADS"] = "1"   # each (here and in the scripts they start); OpenMP threads of two processes
+    torch.set_num_threads(1)              # spinning on the same 2 cores made the suite twice as slow, not faster
+
+
+# the files whose tests run longest (torchrun, subprocesses, whole comparisons), longest first: with pytest.ini's
+# -n 2 they start first, so the suite ends on short tests and neither process waits for the other's long one
+LONG_FIRST = ("test_distributed.py", "test_demo.py", "test_data_path_faults.py", "test_faults.py", "test_compare.py",
+              "test_timing.py", "test_distillation.py", "test_train_eval.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: each file's order kept
+
 
 @pytest.fixture(scope="session", autouse=True)
 def user_cache_dir(tmp_path_factory):

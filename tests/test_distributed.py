@@ -20,36 +20,17 @@ from conftest import REPO, loop_config, small_run_args
 OUTPUTS = ["best.pth", "config.json", "history.json", "last.pth", "loss.png", "miou.png"]
 
 
-def assert_equals_one_process_evaluation(out, data_dir, report, limit_val=12):
-    """The run's all-reduced val mIoU (and pixel accuracy) is that of its saved weights evaluated in one process."""
-    history = json.loads((out / "history.json").read_text())
-    assert history[0]["train_img_s"] > 0 and len(history) == 1
+def assert_equals_one_process_evaluation(out, data_dir, report, limit_val=6):
+    """The run's all-reduced val mIoU (and pixel accuracy) of its best epoch is that of its saved best.pth evaluated
+    in one process."""
+    record = json.loads((out / "history.json").read_text())[torch.load(out / "best.pth", weights_only=True)["epoch"]]
+    assert record["train_img_s"] > 0
     evaluate.main(evaluate.get_args_parser().parse_args(
         ["--weights", str(out / "best.pth"), "--toy", "--data-dir", data_dir, "--limit-val", str(limit_val),
          "--workers", "0", "--json", str(report)]))
     single = json.loads(report.read_text())
     assert single["num_images"] == limit_val
-    assert history[0]["val_miou"] == single["miou"] and history[0]["val_pixel_acc"] == single["pixel_acc"]
-
-
-def test_torchrun_two_processes_baseline_then_resume(data_dir, tmp_path):
-    out = tmp_path / "run"
-    argv = small_run_args(data_dir, out, "--lr", "1e-3", "--epochs", "1")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_baseline.py"]
-    proc = subprocess.run(launch + argv, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("epoch   0 | train loss") == 1 and proc.stdout.count("done: best val mIoU") == 1
-    assert "x 2 process(es)" in proc.stdout
-    assert sorted(os.listdir(out)) == OUTPUTS
-    assert_equals_one_process_evaluation(out, data_dir, tmp_path / "eval.json")
-    # resume under torchrun: both ranks restore the checkpoint, rank 0 alone logs and writes epoch 1
-    again = subprocess.run(launch + [*argv[:-2], "--epochs", "2", "--resume"], cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("resumed") == 1 and again.stdout.count("epoch   1 | train loss") == 1
-    history = json.loads((out / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0, 1]
-    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
+    assert record["val_miou"] == single["miou"] and record["val_pixel_acc"] == single["pixel_acc"]
 
 
 EVERY_METHOD_UNDER_TORCHRUN = """
@@ -58,36 +39,45 @@ sys.path.insert(0, {repo!r})
 import errors, methods
 
 
-def main(args):  # every distillation method, one after another, in the same 2 processes (as the scripts run them)
-    for name in {names!r}:
+def main(args):  # run after run in the same 2 processes, each as its script's main runs it
+    for name, argv in {runs!r}:
         method = methods.registry()[name]
-        methods.main(method, methods.get_args_parser(method).parse_args({argv!r} + ["--out-dir", {out!r} + name]))
+        methods.main(method, methods.get_args_parser(method).parse_args(argv))
 
 
 errors.main_entry(main, argparse.ArgumentParser)
 """
 
 
-def test_torchrun_two_processes_every_distillation_method(data_dir, tmp_path):
-    """One torchrun launch trains every distillation method for an epoch (one launch, not one each: the suite's
-    time), each as its script's main does, with the split on the device (the baseline test above: the loader path)."""
+def test_torchrun_two_processes_every_method_and_a_resume(data_dir, tmp_path):
+    """One torchrun launch (one, not one per case: the suite's time) trains the baseline for an epoch on the loader
+    path, every distillation method for an epoch with the split on the device, then resumes the baseline to a second
+    epoch: rank 0 alone logs and writes, and each run's val mIoU is a 1-process evaluation's."""
     names = [name for name, m in methods.registry().items() if m.TEACHER != "none"]
     teacher = tmp_path / "teacher.pth"
     torch.manual_seed(0)
     torch.save({"model": common.Teacher(21).state_dict(), "arch": "teacher", "num_classes": 21}, teacher)
-    argv = small_run_args(data_dir, "", "--lr", "1e-3", "--teacher-weights", str(teacher), "--epochs", "1",
-                          "--image-size", "32", "--limit-train", "16", "--limit-val", "6", "--data-on-device", "on")
-    del argv[argv.index("--out-dir"):argv.index("--out-dir") + 2]  # each method's own, set in the script
+    small = ["--lr", "1e-3", "--epochs", "1", "--image-size", "32", "--limit-train", "16", "--limit-val", "6"]
+    baseline = small_run_args(data_dir, tmp_path / "baseline", *small)
+    runs = [("baseline", baseline)] + [
+        (name, small_run_args(data_dir, tmp_path / name, *small, "--teacher-weights", str(teacher),
+                              "--data-on-device", "on")) for name in names] + [
+        ("baseline", [*baseline, "--epochs", "2", "--resume"])]  # (the later --epochs counts)
     script = tmp_path / "every_method.py"
-    script.write_text(EVERY_METHOD_UNDER_TORCHRUN.format(repo=REPO, names=names, argv=argv, out=str(tmp_path) + "/"))
+    script.write_text(EVERY_METHOD_UNDER_TORCHRUN.format(repo=REPO, runs=runs))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("epoch   0 | train loss") == len(names) == proc.stdout.count("done: best val mIoU")
-    assert proc.stdout.count("x 2 process(es)") == len(names)
-    for name in names:
+    out = proc.stdout
+    assert out.count("epoch   0 | train loss") == 1 + len(names) == out.count("done: best val mIoU") - 1
+    assert out.count("x 2 process(es)") == len(runs) and out.count("resumed") == 1
+    assert out.count("epoch   1 | train loss") == 1 and "training data: on the device" in out
+    for name in ["baseline", *names]:
         assert sorted(os.listdir(tmp_path / name)) == OUTPUTS, name
-        assert_equals_one_process_evaluation(tmp_path / name, data_dir, tmp_path / f"{name}.json", limit_val=6)
+        assert_equals_one_process_evaluation(tmp_path / name, data_dir, tmp_path / f"{name}.json")
+    history = json.loads((tmp_path / "baseline" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1] and sorted(os.listdir(tmp_path / "baseline")) == OUTPUTS
+    assert torch.load(tmp_path / "baseline" / "last.pth", weights_only=True)["epoch"] == 1
 
 
 END_UNDER_TORCHRUN = """
