@@ -92,8 +92,15 @@ def test_load_model_detects_architecture_and_rejects_bad_files(tmp_path):
     assert (arch, n) == ("student", 7)
     torch.testing.assert_close(model.classifier.weight, student.classifier.weight)
     teacher_ckpt = tmp_path / "teacher.pth"
-    torch.save({"model": common.Teacher(3).state_dict(), "arch": "teacher"}, teacher_ckpt)
-    assert common.load_model(str(teacher_ckpt))[1:3] == ("teacher", 3)
+    teacher = common.Teacher(3).eval()
+    torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in teacher.state_dict().items()},
+                "arch": "teacher"}, teacher_ckpt)  # an fp16 file: loaded as fp32, every tensor from the file
+    loaded, arch, n, _ = common.load_model(str(teacher_ckpt))
+    assert (arch, n) == ("teacher", 3)
+    for (name, a), b in zip(loaded.state_dict().items(), teacher.state_dict().values()):
+        assert a.device.type == "cpu" and a.dtype == b.dtype and torch.equal(a, b.half().to(b.dtype)), name
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), teacher.half().float()(x))
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(bare.read_bytes()[:5000])
     with pytest.raises(errors.UserError, match="truncated.pth is not a readable PyTorch checkpoint"):
