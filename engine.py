@@ -317,8 +317,18 @@ class TrainBatches:
         return self.loader
 
     def close(self):
-        """Stop the loader's workers now (they end with its last iterator) and free the device copy."""
+        """Stop the loader's workers now and free the device copy."""
+        close_loader(self.loader)
         self.loader = self.split = None
+
+
+def close_loader(loader):
+    """Stop a persistent loader's worker processes now: otherwise they last until its iterator is garbage-collected,
+    which a reference cycle (a traceback, say) puts off, and compare.py trains run after run in one process."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):  # (a loader with workers, iterated once)
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def ignore_stop_signals(worker_id):
@@ -718,7 +728,9 @@ def train(model, compute_loss, datasets, criterion, cfg, adapters=None):
         f"{len(datasets['val'])} images | device {cfg.device} x {world_size()} process(es) | precision {cfg.precision} "
         f"| out {cfg.out_dir}")
     save = (model, adapters, optimizer, scheduler, scaler)
-    with run_folder(cfg), StopRequest() as stop, contextlib.closing(train_batches):
+    with run_folder(cfg), StopRequest() as stop, contextlib.closing(train_batches), \
+            contextlib.ExitStack() as cleanup:
+        cleanup.callback(close_loader, val_loader)
         for epoch in range(state.epoch, cfg.epochs):
             t0 = time.perf_counter()
             progress = state.partial if state.partial is not None else EpochProgress(epoch)

@@ -1,4 +1,5 @@
 import dataclasses
+import gc
 import os
 import sys
 import tempfile
@@ -76,13 +77,22 @@ def live_children(pid):
     return found
 
 
+def command_line(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:300]
+    except OSError:
+        return "(gone)"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind():
     """After the whole suite: no process a test started (a script, a loader worker, torchrun) is still running."""
     yield
     if os.path.isdir("/proc"):
+        gc.collect()  # a loader iterator kept alive only by a reference cycle (a test's traceback) ends its workers
         left = live_children(os.getpid())
-        assert not left, f"processes left behind by the tests: {left}"
+        assert not left, f"processes left behind by the tests: {[(p, command_line(p)) for p in left]}"
 
 
 @pytest.fixture

@@ -91,6 +91,20 @@ def test_an_epoch_resumed_inside_gives_the_batches_left(on_device, data_dir, tmp
     assert not multiprocessing.active_children()
 
 
+def test_a_persistent_loaders_workers_stop_when_closed_though_it_is_still_referenced(data_dir, tmp_path):
+    """engine.close_loader (train() closes its training and validation loaders so): the workers end now, not when a
+    reference cycle around the loader is collected, which left them running in a process training run after run."""
+    dataset = _train_set(data_dir, tmp_path, 32, 8)
+    loader = engine.make_loader(dataset, 4, 2, persistent=True)
+    cycle = [loader]
+    cycle.append(cycle)
+    assert len(list(loader)) == 2 and len(multiprocessing.active_children()) == 2
+    engine.close_loader(loader)
+    assert not multiprocessing.active_children() and len(list(loader)) == 2  # still usable: new workers
+    engine.close_loader(loader)
+    assert not multiprocessing.active_children()
+
+
 def test_auto_puts_the_split_on_a_gpu_with_room_and_never_on_a_cpu(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert not device_data.resolve("auto", cpu, 1) and device_data.resolve("on", cpu, 10 ** 15)

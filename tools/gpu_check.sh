@@ -28,7 +28,8 @@ fi
 status=0
 if $python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    $python -m pytest -q -m cuda tests -p no:cacheprovider -rs --junitxml "$out/cuda_tests.xml" || status=1
+    # one process (-o addopts= drops pytest.ini's -n 2: the GPU machine has no pytest-xdist)
+    $python -m pytest -q -o addopts= -m cuda tests -p no:cacheprovider -rs --junitxml "$out/cuda_tests.xml" || status=1
     bench=(--amp --workers 8 --image-size 256 --data-on-device both)
     epoch=1464   # VOC train's size; the toy set (300) and the subset (105) are repeated to it
     compare=(--amp --workers 8 --batch-size 16 --image-size 256 --epochs 3 --teacher-epochs 3 --lr 1e-3)
