@@ -11,7 +11,7 @@ import methods
 def test_demo_table_summarises_every_run(data_dir, tmp_path):
     out = tmp_path / "demo"
     argv = ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1", "--teacher-epochs", "1",
-            "--image-size", "32", "--limit-train", "16", "--limit-val", "8", "--seeds", "3", "--live-kd"]
+            "--image-size", "32", "--limit-train", "8", "--limit-val", "4", "--seeds", "3", "--live-kd"]
     rows = demo.main(demo.get_args_parser().parse_args(argv))
     # the baseline and the methods reading the logit cache, then the live-teacher variant (--live-kd); the feature
     # methods (live teacher) only with --all: their scripts are covered in test_distillation
