@@ -40,16 +40,19 @@ def process_gone(pid):
 WORKER_ERROR_RUN = """
 import os, sys
 sys.path.insert(0, {repo!r})
+from torch.utils.data import dataloader
 import errors, train_baseline, voc
-main_pid, get = os.getpid(), voc.PixelCache.get
+main_pid, get, start = os.getpid(), voc.PixelCache.get, dataloader._MultiProcessingDataLoaderIter.__init__
 def failing_get(self, i):
-    if os.getpid() != main_pid:
-        with open({pids!r}, "a") as f:
-            f.write(f"{{os.getpid()}}\\n")
-        if self.dir.endswith("-train") and i % 4 == 3:
-            raise {error}
+    if os.getpid() != main_pid and self.dir.endswith("-train") and i % 4 == 3:
+        raise {error}
     return get(self, i)
+def recording_start(self, loader):  # the workers' pids, as the main process starts them
+    start(self, loader)
+    with open({pids!r}, "a") as f:
+        f.write("".join(f"{{w.pid}}\\n" for w in self._workers))
 voc.PixelCache.get = failing_get
+dataloader._MultiProcessingDataLoaderIter.__init__ = recording_start
 errors.main_entry(train_baseline.main, train_baseline.get_args_parser, {argv!r})
 """
 
