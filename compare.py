@@ -2,7 +2,7 @@
 table with the spread over seeds and each strategy's paired difference against the baseline of the same seed.
 
     python compare.py --toy --strategies baseline,response-kd --seeds 0,1 --epochs 10 --teacher-epochs 12 \\
-        --no-pretrained --lr 2e-3 --image-size 64 --out-dir checkpoints/compare_toy   # demo.py's recipe, ~9 min on 2 cores
+        --no-pretrained --lr 2e-3 --image-size 64 --out-dir checkpoints/compare_toy   # demo.py's recipe, ~9 min
     python compare.py --data-dir ./data --strategies baseline,response-kd,cwd,dist --seeds 0,1,2 --epochs 50 \\
         --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip --out-dir checkpoints/compare_voc   # one GPU, torchvision's teacher
     python compare.py --toy --no-pretrained --lr 2e-3 --teacher-epochs 4 --grid response-kd:--tau=1,2,4 ...   # a sweep
@@ -394,8 +394,8 @@ def write_results(args, rows, teacher, runs, device_name):
                  if r["one_class_seeds"]]
     one_class_note = (f"NOTE: these models predict one class everywhere on val after their last epoch, so their "
                       f"figures say nothing about the strategy: {'; '.join(one_class)}. The recipe has not learnt: "
-                      f"raise --lr (2e-3 on the toy set from random weights) or --epochs." if one_class else "")
-    notes += f"\n{one_class_note}\n" if one_class else ""
+                      f"raise --lr (2e-3 on the toy set from random weights) or --epochs.\n" if one_class else "")
+    notes += f"\n{one_class_note}"
     text = "\n".join(lines) + "\n\n" + (
         f"{len(args.seeds)} seeds ({','.join(map(str, args.seeds))}), {args.epochs} epochs each, on {device_name}.\n\n"
         + notes + "".join(f"\nFAILED: {r['label']} seed {r['seed']}: {r['error']}" for r in failed))
@@ -407,7 +407,7 @@ def write_results(args, rows, teacher, runs, device_name):
         "teacher": None if teacher is None else {k: v for k, v in teacher.items() if k != "history"},
         "rows": [{k: v for k, v in r.items() if k != "histories"} for r in rows],
         "failed": [{"model": r["label"], "seed": r["seed"], "error": r["error"]} for r in failed]})
-    print("\n" + "\n".join(lines) + (f"\n{one_class_note}" if one_class else ""))
+    print("\n" + "\n".join(lines) + (f"\n{one_class_note.rstrip()}" if one_class else ""))
     if name != "results":
         print(f"kept {args.out_dir}/results.md ({before} finished runs); this attempt finished {finished}: its table "
               f"is {args.out_dir}/{name}.md", flush=True)

@@ -137,7 +137,8 @@ def add_recipe_args(parser, default_epochs=50, seed=True):
                         help="hold the training split (uint8 pixels and masks, cached teacher logits) in the training "
                              "device's memory and augment each batch there (batched grid_sample): no loader workers "
                              "to wait for. auto: on for CUDA when the split takes at most "
-                             f"{100 * device_data.FREE_MEMORY_SHARE:.0f} %% of its free memory, off on CPU (default: %(default)s)")
+                             f"{100 * device_data.FREE_MEMORY_SHARE:.0f} %% of its free memory, off on CPU "
+                             "(default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training step (the student's forward and its loss; the first steps "
                              "compile, minutes on a CPU); measure it first (bench_throughput.py --compile both)")

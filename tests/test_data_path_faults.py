@@ -105,7 +105,8 @@ def cache_contents(cache_dir):
 
 def test_runs_started_together_share_every_cache(tmp_path, copies=3):  # (3 racing covers 2; the suite's time)
     def argv(data, cache):
-        return ["--toy", "--data-dir", str(data), "--cache-dir", str(cache), "--image-size", "32", "--limit-train", "24"]
+        return ["--toy", "--data-dir", str(data), "--cache-dir", str(cache), "--image-size", "32",
+                "--limit-train", "24"]
 
     def start(data, cache):
         return subprocess.Popen([sys.executable, "-c", BUILD_CACHES.format(repo=REPO, argv=argv(data, cache))],

@@ -103,8 +103,8 @@ def test_feature_alignment_shapes_and_loss():
 def toy_teacher(data_dir, tmp_path_factory):
     """A teacher checkpoint as train_baseline.py --model teacher writes it (1 short epoch on the toy set)."""
     out = tmp_path_factory.mktemp("teacher")
-    argv = small_run_args(data_dir, out, "--epochs", "1", "--model", "teacher", "--limit-train", "8", "--limit-val", "4",
-                          "--image-size", "32")
+    argv = small_run_args(data_dir, out, "--epochs", "1", "--model", "teacher", "--limit-train", "8",
+                          "--limit-val", "4", "--image-size", "32")
     train_baseline.main(train_baseline.get_args_parser().parse_args(argv))
     return str(out / "best.pth")
 
