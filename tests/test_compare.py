@@ -31,7 +31,7 @@ def history(run):
     return json.loads((run / "history.json").read_text())
 
 
-def test_killed_comparison_finishes_when_run_again_without_retraining(data_dir, tmp_path):
+def test_killed_comparison_finishes_when_run_again_without_retraining(data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cmp"
     cmd = [sys.executable, "compare.py", *compare_argv(data_dir, out, "--strategies", "baseline,response-kd",
                                                          "--seeds", "0,1", "--epochs", "2", "--teacher-epochs", "1")]
@@ -55,11 +55,12 @@ def test_killed_comparison_finishes_when_run_again_without_retraining(data_dir, 
     assert len(history(out / "baseline_seed1")) == 1  # stopped inside its second epoch, saved where it stood
     kept = {name: (out / name / "last.pth").stat().st_mtime_ns for name in ("teacher", "baseline_seed0")}
 
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "5 runs, 2 already finished, 3 to train" in again.stdout
-    assert again.stdout.count("class weights (") == 1  # once per comparison, not once per run
-    assert "== run 1 of 3: baseline seed 1" in again.stdout and "resumed" in again.stdout
+    monkeypatch.setattr(common, "CLASS_WEIGHTS_SHOWN", set())  # as in a new process
+    compare.main(compare.get_args_parser().parse_args(cmd[2:]))  # the same command again, in this process
+    again = capsys.readouterr().out
+    assert "5 runs, 2 already finished, 3 to train" in again
+    assert again.count("class weights (") == 1  # once per comparison, not once per run
+    assert "== run 1 of 3: baseline seed 1" in again and "resumed" in again
     assert kept == {name: (out / name / "last.pth").stat().st_mtime_ns for name in kept}  # never trained again
 
     results = json.loads((out / "results.json").read_text())
